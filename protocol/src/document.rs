@@ -1,0 +1,523 @@
+//! A signed automerge document: the genesis, the automerge state, the signatures
+//! we hold, and the per-author change chains.
+//!
+//! Owns: local edits (commit, rule check, sign), verification of received changes
+//! (binding, replay, chain, signatures, rules) before anything is applied, and
+//! choosing what a peer lacks given its [`Clock`].
+//! Must not: do IO or read the clock; `now_ms` is always an argument.
+//!
+//! ## How signature cost is kept low
+//! Every change's actor id *is* its author's 32-byte public key, and automerge puts
+//! an author's previous change (seq-1) directly in each change's deps, so each
+//! change hash commits to the author's whole chain. A received batch therefore needs
+//! one verified signature per author (on its newest change in the batch); the
+//! chain is checked by hash links. Signatures at every [`CHECKPOINT`]-th change are
+//! also forwarded, so a long chain can later be re-sent in bounded chunks.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use automerge::transaction::{CommitOptions, Transaction};
+use automerge::{Automerge, Change, ChangeHash, ReadDoc};
+use ed25519_dalek::Signature;
+
+use crate::doc::{DocId, Genesis, SignedGenesis, Visibility};
+use crate::error::{EditError, IngestError};
+use crate::identity::{change_sig_payload, EnterpriseId, Keypair};
+use crate::rules;
+
+/// What a peer holds: for each author, the highest change sequence number.
+pub type Clock = BTreeMap<EnterpriseId, u64>;
+
+/// Signatures are forwarded at every change whose seq is a multiple of this.
+pub const CHECKPOINT: u64 = 1024;
+/// Most changes accepted in one batch.
+pub const MAX_CHANGES_PER_BATCH: usize = 200_000;
+
+/// Changes as raw automerge bytes plus the signatures that cover them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChangeBatch {
+    /// Raw change chunks.
+    pub changes: Vec<Vec<u8>>,
+    /// `(change hash, ed25519 signature over doc id + hash)`.
+    pub sigs: Vec<(ChangeHash, [u8; 64])>,
+}
+
+/// What an edit or an ingest added: the node persists exactly this.
+#[derive(Clone, Debug, Default)]
+pub struct Accepted {
+    /// Raw bytes of each new change, in causal order.
+    pub changes: Vec<Vec<u8>>,
+    /// Signatures now held for new changes.
+    pub sigs: Vec<(ChangeHash, [u8; 64])>,
+    /// Set when a whole snapshot was adopted (store it instead of the changes).
+    pub snapshot: Option<Vec<u8>>,
+}
+
+impl Accepted {
+    /// Whether nothing new was added.
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty() && self.snapshot.is_none()
+    }
+}
+
+/// A document with its genesis, automerge state and signatures.
+#[derive(Clone)]
+pub struct Document {
+    genesis: SignedGenesis,
+    doc: Automerge,
+    sigs: HashMap<ChangeHash, [u8; 64]>,
+    /// Per author: hashes of its changes, index = seq - 1.
+    chains: BTreeMap<EnterpriseId, Vec<ChangeHash>>,
+}
+
+impl std::fmt::Debug for Document {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Document").field("id", &self.id()).field("changes", &self.change_count()).finish()
+    }
+}
+
+fn sig_ok(author: &EnterpriseId, doc: &DocId, hash: &ChangeHash, sig: &[u8; 64]) -> bool {
+    author.verify_change(doc, hash, &Signature::from_bytes(sig))
+}
+
+impl Document {
+    /// An empty document for a genesis.
+    pub fn new(genesis: SignedGenesis) -> Self {
+        Self { genesis, doc: Automerge::new(), sigs: HashMap::new(), chains: BTreeMap::new() }
+    }
+
+    /// Rebuilds a document from our own store (already verified when stored).
+    pub fn load_trusted(
+        genesis: SignedGenesis,
+        snapshot: Option<&[u8]>,
+        changes: Vec<Vec<u8>>,
+        sigs: impl IntoIterator<Item = (ChangeHash, [u8; 64])>,
+    ) -> Result<Self, IngestError> {
+        let mut doc = match snapshot {
+            Some(bytes) => catch(|| Automerge::load(bytes))
+                .and_then(|r| r.map_err(|e| e.to_string()))
+                .map_err(IngestError::Snapshot)?,
+            None => Automerge::new(),
+        };
+        let parsed = changes
+            .into_iter()
+            .map(|b| Change::from_bytes(b).map_err(|e| IngestError::MalformedChange(e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        catch(|| doc.apply_changes(parsed)).map_err(IngestError::Apply)?.map_err(|e| IngestError::Apply(e.to_string()))?;
+        let mut d = Self { genesis, doc, sigs: sigs.into_iter().collect(), chains: BTreeMap::new() };
+        d.rebuild_chains();
+        Ok(d)
+    }
+
+    fn rebuild_chains(&mut self) {
+        self.chains.clear();
+        let mut all: Vec<(EnterpriseId, u64, ChangeHash)> = self
+            .doc
+            .get_changes_meta(&[])
+            .iter()
+            .filter_map(|m| Some((EnterpriseId::from_slice(m.actor.to_bytes()).ok()?, m.seq, m.hash)))
+            .collect();
+        all.sort_by_key(|(a, s, _)| (*a, *s));
+        for (a, _, h) in all {
+            self.chains.entry(a).or_default().push(h);
+        }
+    }
+
+    /// The document id.
+    pub fn id(&self) -> DocId {
+        self.genesis.id()
+    }
+    /// The signed genesis.
+    pub fn signed_genesis(&self) -> &SignedGenesis {
+        &self.genesis
+    }
+    /// The parsed genesis.
+    pub fn genesis(&self) -> &Genesis {
+        self.genesis.genesis()
+    }
+    /// Read access to the automerge state (typed views read through this).
+    pub fn automerge(&self) -> &Automerge {
+        &self.doc
+    }
+    /// Current heads.
+    pub fn heads(&self) -> Vec<ChangeHash> {
+        self.doc.get_heads()
+    }
+    /// Number of changes held.
+    pub fn change_count(&self) -> usize {
+        self.chains.values().map(|c| c.len()).sum()
+    }
+    /// Whether the document holds no change yet.
+    pub fn is_empty(&self) -> bool {
+        self.chains.is_empty()
+    }
+    /// For each author, the number of its changes held.
+    pub fn clock(&self) -> Clock {
+        self.chains.iter().map(|(a, c)| (*a, c.len() as u64)).collect()
+    }
+    /// Every signature held (for persistence).
+    pub fn signatures(&self) -> impl Iterator<Item = (&ChangeHash, &[u8; 64])> {
+        self.sigs.iter()
+    }
+    /// A compact snapshot of the automerge state.
+    pub fn save(&self) -> Vec<u8> {
+        self.doc.save()
+    }
+
+    /// Whether `who` may hold this document now: anyone for public documents, members otherwise.
+    pub fn may_hold(&self, who: &EnterpriseId) -> bool {
+        self.genesis().visibility == Visibility::Public || self.role_of(who).is_some()
+    }
+    /// The current role of `who`.
+    pub fn role_of(&self, who: &EnterpriseId) -> Option<crate::doc::Role> {
+        rules::role_at(&self.doc, self.genesis(), who, &self.doc.get_heads())
+    }
+    /// Current members (owner included) and their roles.
+    pub fn members(&self) -> BTreeMap<EnterpriseId, crate::doc::Role> {
+        let g = self.genesis();
+        let mut out: BTreeMap<_, _> = g.members.clone();
+        out.insert(g.owner, crate::doc::Role::Owner);
+        let heads = self.doc.get_heads();
+        if let Ok(Some((automerge::Value::Object(_), m))) =
+            automerge::ReadDoc::get_at(&self.doc, automerge::ROOT, "members", &heads)
+        {
+            for key in automerge::ReadDoc::keys(&self.doc, &m) {
+                if let Ok(id) = key.parse::<EnterpriseId>() {
+                    match rules::role_at(&self.doc, g, &id, &heads) {
+                        Some(r) => {
+                            out.insert(id, r);
+                        }
+                        None => {
+                            out.remove(&id);
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Makes a local change as `author`: runs `f` in a transaction, commits, checks
+    /// the rules exactly as a receiving peer would, and signs it.
+    /// On any error nothing is kept.
+    pub fn edit<T>(
+        &mut self,
+        author: &Keypair,
+        now_ms: i64,
+        f: impl FnOnce(&mut Transaction<'_>) -> Result<T, EditError>,
+    ) -> Result<(T, Accepted), EditError> {
+        let me = author.id();
+        let opts = CommitOptions::default().with_message(self.id().to_string()).with_time(now_ms / 1000);
+        self.doc.set_actor(me.actor());
+        let mut tx = self.doc.transaction();
+        let out = match f(&mut tx) {
+            Ok(v) => v,
+            Err(e) => {
+                tx.rollback();
+                return Err(e);
+            }
+        };
+        let (hash, _) = tx.commit_with(opts);
+        let Some(hash) = hash else { return Ok((out, Accepted::default())) };
+        let change = self.doc.get_last_local_change().expect("just committed");
+        if let Err(v) = rules::check_change(&self.doc, self.genesis.genesis(), &change) {
+            // Roll back by rebuilding without the change. Rare: typed edits pre-check their intent.
+            let keep: Vec<Change> = self.doc.get_changes(&[]).into_iter().filter(|c| c.hash() != hash).collect();
+            let mut d = Automerge::new();
+            d.apply_changes(keep).expect("re-applying our own changes");
+            self.doc = d;
+            return Err(v.into());
+        }
+        let sig = author.sign_change(&self.id(), &hash).to_bytes();
+        self.sigs.insert(hash, sig);
+        self.chains.entry(me).or_default().push(hash);
+        Ok((out, Accepted { changes: vec![change.raw_bytes().to_vec()], sigs: vec![(hash, sig)], snapshot: None }))
+    }
+
+    /// Verifies and applies a batch of received changes. All or nothing.
+    pub fn ingest(&mut self, batch: ChangeBatch) -> Result<Accepted, IngestError> {
+        if batch.changes.len() > MAX_CHANGES_PER_BATCH {
+            return Err(IngestError::TooLarge(format!("{} changes", batch.changes.len())));
+        }
+        let mut seen = HashSet::new();
+        let mut fresh = Vec::new();
+        for bytes in batch.changes {
+            let c = catch(|| Change::from_bytes(bytes))
+                .map_err(IngestError::MalformedChange)?
+                .map_err(|e| IngestError::MalformedChange(e.to_string()))?;
+            let h = c.hash();
+            if self.doc.get_change_meta_by_hash(&h).is_some() || !seen.insert(h) {
+                continue;
+            }
+            fresh.push(c);
+        }
+        if fresh.is_empty() {
+            return Ok(Accepted::default());
+        }
+        let sigs: HashMap<ChangeHash, [u8; 64]> = batch.sigs.into_iter().collect();
+        let (sorted, verified) = self.verify_fresh(fresh, &sigs, true)?;
+        let mut scratch = self.doc.clone();
+        catch(|| scratch.apply_changes(sorted.clone()))
+            .map_err(IngestError::Apply)?
+            .map_err(|e| IngestError::Apply(e.to_string()))?;
+        for c in &sorted {
+            rules::check_change(&scratch, self.genesis.genesis(), c)?;
+        }
+        self.doc = scratch;
+        Ok(self.commit_verified(&sorted, verified, None))
+    }
+
+    /// Verifies and adopts a whole-document snapshot (sent when we held nothing).
+    pub fn ingest_snapshot(&mut self, bytes: &[u8], sigs: Vec<(ChangeHash, [u8; 64])>) -> Result<Accepted, IngestError> {
+        let scratch = catch(|| Automerge::load(bytes))
+            .map_err(IngestError::Snapshot)?
+            .map_err(|e| IngestError::Snapshot(e.to_string()))?;
+        let all = scratch.get_changes(&[]);
+        if all.len() > MAX_CHANGES_PER_BATCH {
+            return Err(IngestError::TooLarge(format!("{} changes", all.len())));
+        }
+        if !self.is_empty() {
+            // We gained changes meanwhile: fall back to the change path.
+            let batch = ChangeBatch { changes: all.iter().map(|c| c.raw_bytes().to_vec()).collect(), sigs };
+            return self.ingest(batch);
+        }
+        let sigs: HashMap<ChangeHash, [u8; 64]> = sigs.into_iter().collect();
+        let (sorted, verified) = self.verify_fresh(all, &sigs, false)?;
+        if !scratch.get_missing_deps(&[]).is_empty() {
+            return Err(IngestError::Snapshot("snapshot has missing deps".into()));
+        }
+        for c in &sorted {
+            rules::check_change(&scratch, self.genesis.genesis(), c)?;
+        }
+        self.doc = scratch;
+        Ok(self.commit_verified(&sorted, verified, Some(bytes.to_vec())))
+    }
+
+    fn commit_verified(
+        &mut self,
+        sorted: &[Change],
+        verified: Vec<(ChangeHash, [u8; 64])>,
+        snapshot: Option<Vec<u8>>,
+    ) -> Accepted {
+        for c in sorted {
+            let a = EnterpriseId::from_slice(c.actor_id().to_bytes()).expect("checked");
+            self.chains.entry(a).or_default().push(c.hash());
+        }
+        for (h, s) in &verified {
+            self.sigs.insert(*h, *s);
+        }
+        let changes = if snapshot.is_some() { Vec::new() } else { sorted.iter().map(|c| c.raw_bytes().to_vec()).collect() };
+        Accepted { changes, sigs: verified, snapshot }
+    }
+
+    /// Binding, replay, chain and signature checks; returns the changes in causal order
+    /// and the verified signatures worth keeping.
+    fn verify_fresh(
+        &self,
+        fresh: Vec<Change>,
+        sigs: &HashMap<ChangeHash, [u8; 64]>,
+        check_deps: bool,
+    ) -> Result<(Vec<Change>, Vec<(ChangeHash, [u8; 64])>), IngestError> {
+        let doc_str = self.id().to_string();
+        let mut by_author: BTreeMap<EnterpriseId, Vec<usize>> = BTreeMap::new();
+        for (i, c) in fresh.iter().enumerate() {
+            let a = EnterpriseId::from_slice(c.actor_id().to_bytes())
+                .ok()
+                .filter(|a| a.verifying_key().is_some())
+                .ok_or_else(|| IngestError::UnboundActor(c.actor_id().to_hex_string()))?;
+            if c.message().map(|m| m.as_ref()) != Some(doc_str.as_str()) {
+                return Err(IngestError::WrongDocument { hash: c.hash().to_string() });
+            }
+            by_author.entry(a).or_default().push(i);
+        }
+        let fresh_hashes: HashSet<ChangeHash> = fresh.iter().map(|c| c.hash()).collect();
+        let mut to_verify: Vec<(EnterpriseId, ChangeHash, [u8; 64])> = Vec::new();
+        for (author, idxs) in by_author.iter_mut() {
+            idxs.sort_by_key(|i| fresh[*i].seq());
+            let chain = self.chains.get(author);
+            let have = chain.map(|c| c.len() as u64).unwrap_or(0);
+            let mut prev = chain.and_then(|c| c.last().copied());
+            for (k, i) in idxs.iter().enumerate() {
+                let c = &fresh[*i];
+                let expected = have + 1 + k as u64;
+                if c.seq() != expected {
+                    return Err(IngestError::SeqGap { author: *author, have: expected - 1, got: c.seq() });
+                }
+                if let Some(p) = prev {
+                    if !c.deps().contains(&p) {
+                        return Err(IngestError::BrokenChain { author: *author, seq: c.seq() });
+                    }
+                }
+                prev = Some(c.hash());
+                let is_tip = k + 1 == idxs.len();
+                match sigs.get(&c.hash()) {
+                    Some(s) if is_tip || c.seq() % CHECKPOINT == 0 => to_verify.push((*author, c.hash(), *s)),
+                    Some(_) => {}
+                    None if is_tip => {
+                        return Err(IngestError::Unsigned { author: *author, hash: c.hash().to_string() })
+                    }
+                    None => {}
+                }
+            }
+        }
+        if check_deps {
+            let missing = fresh
+                .iter()
+                .flat_map(|c| c.deps().iter())
+                .filter(|d| !fresh_hashes.contains(d) && self.doc.get_change_meta_by_hash(d).is_none())
+                .count();
+            if missing > 0 {
+                return Err(IngestError::MissingDeps(missing));
+            }
+        }
+        verify_sigs(&self.id(), &to_verify)?;
+        let sorted = topo_sort(fresh);
+        Ok((sorted, to_verify.into_iter().map(|(_, h, s)| (h, s)).collect()))
+    }
+
+    /// The changes a peer holding `their` lacks, as one chunk of at most about
+    /// `budget` bytes cut where signatures cover every author's last change.
+    /// Returns the batch, whether more remains after it, and the clock the peer
+    /// will have once it applies the batch.
+    pub fn missing_for(&self, their: &Clock, budget: usize) -> (ChangeBatch, bool, Clock) {
+        let behind = self.chains.iter().any(|(a, c)| their.get(a).copied().unwrap_or(0) < c.len() as u64);
+        if !behind {
+            return (ChangeBatch::default(), false, their.clone());
+        }
+        let have_deps: Vec<ChangeHash> = their
+            .iter()
+            .filter_map(|(a, seq)| {
+                let chain = self.chains.get(a)?;
+                let idx = (*seq).min(chain.len() as u64);
+                (idx > 0).then(|| chain[idx as usize - 1])
+            })
+            .collect();
+        let changes = self.doc.get_changes(&have_deps);
+        let mut out = ChangeBatch::default();
+        let mut size = 0usize;
+        let mut unsigned: BTreeSet<EnterpriseId> = BTreeSet::new();
+        let mut last_of: BTreeMap<EnterpriseId, ChangeHash> = BTreeMap::new();
+        let mut cut = 0;
+        for (i, c) in changes.iter().enumerate() {
+            let a = EnterpriseId::from_slice(c.actor_id().to_bytes()).expect("bound");
+            size += c.raw_bytes().len();
+            out.changes.push(c.raw_bytes().to_vec());
+            last_of.insert(a, c.hash());
+            if let Some(s) = self.sigs.get(&c.hash()) {
+                unsigned.remove(&a);
+                if c.seq() % CHECKPOINT == 0 {
+                    out.sigs.push((c.hash(), *s));
+                }
+            } else {
+                unsigned.insert(a);
+            }
+            if unsigned.is_empty() {
+                cut = i + 1;
+                if size >= budget {
+                    break;
+                }
+            }
+        }
+        if cut == 0 {
+            // No safe cut point (should not happen: we hold every author's newest signature).
+            return (ChangeBatch::default(), false, their.clone());
+        }
+        out.changes.truncate(cut);
+        let mut covered = their.clone();
+        for c in &changes[..cut] {
+            let a = EnterpriseId::from_slice(c.actor_id().to_bytes()).expect("bound");
+            let e = covered.entry(a).or_insert(0);
+            *e = (*e).max(c.seq());
+        }
+        let included: HashSet<ChangeHash> = changes[..cut].iter().map(|c| c.hash()).collect();
+        let mut tips: BTreeMap<EnterpriseId, ChangeHash> = BTreeMap::new();
+        for c in &changes[..cut] {
+            tips.insert(EnterpriseId::from_slice(c.actor_id().to_bytes()).expect("bound"), c.hash());
+        }
+        out.sigs.retain(|(h, _)| included.contains(h));
+        for h in tips.values() {
+            if let Some(s) = self.sigs.get(h) {
+                if !out.sigs.iter().any(|(x, _)| x == h) {
+                    out.sigs.push((*h, *s));
+                }
+            }
+        }
+        (out, cut < changes.len(), covered)
+    }
+
+    /// The whole document as a snapshot, with every author's newest and checkpoint signatures.
+    pub fn snapshot(&self) -> (Vec<u8>, Vec<(ChangeHash, [u8; 64])>) {
+        let mut sigs = Vec::new();
+        for chain in self.chains.values() {
+            for (i, h) in chain.iter().enumerate() {
+                let seq = i as u64 + 1;
+                if seq % CHECKPOINT == 0 || i + 1 == chain.len() {
+                    if let Some(s) = self.sigs.get(h) {
+                        sigs.push((*h, *s));
+                    }
+                }
+            }
+        }
+        (self.doc.save(), sigs)
+    }
+}
+
+fn verify_sigs(doc: &DocId, items: &[(EnterpriseId, ChangeHash, [u8; 64])]) -> Result<(), IngestError> {
+    if items.len() >= 4 {
+        let payloads: Vec<Vec<u8>> = items.iter().map(|(_, h, _)| change_sig_payload(doc, h)).collect();
+        let msgs: Vec<&[u8]> = payloads.iter().map(|p| p.as_slice()).collect();
+        let sigs: Vec<Signature> = items.iter().map(|(_, _, s)| Signature::from_bytes(s)).collect();
+        let keys: Option<Vec<_>> = items.iter().map(|(a, _, _)| a.verifying_key()).collect();
+        if let Some(keys) = keys {
+            if ed25519_dalek::verify_batch(&msgs, &sigs, &keys).is_ok() {
+                return Ok(());
+            }
+        }
+    }
+    for (a, h, s) in items {
+        if !sig_ok(a, doc, h, s) {
+            return Err(IngestError::BadSignature { author: *a, hash: h.to_string() });
+        }
+    }
+    Ok(())
+}
+
+/// Orders changes so that every change follows its deps (ties broken by hash: deterministic).
+fn topo_sort(changes: Vec<Change>) -> Vec<Change> {
+    let index: HashMap<ChangeHash, usize> = changes.iter().enumerate().map(|(i, c)| (c.hash(), i)).collect();
+    let mut indegree = vec![0usize; changes.len()];
+    let mut children: Vec<Vec<usize>> = vec![Vec::new(); changes.len()];
+    for (i, c) in changes.iter().enumerate() {
+        for d in c.deps() {
+            if let Some(&j) = index.get(d) {
+                indegree[i] += 1;
+                children[j].push(i);
+            }
+        }
+    }
+    let mut ready: BTreeSet<(ChangeHash, usize)> =
+        (0..changes.len()).filter(|i| indegree[*i] == 0).map(|i| (changes[i].hash(), i)).collect();
+    let mut order = Vec::with_capacity(changes.len());
+    while let Some(first) = ready.iter().next().copied() {
+        ready.remove(&first);
+        order.push(first.1);
+        for &ch in &children[first.1] {
+            indegree[ch] -= 1;
+            if indegree[ch] == 0 {
+                ready.insert((changes[ch].hash(), ch));
+            }
+        }
+    }
+    let mut slots: Vec<Option<Change>> = changes.into_iter().map(Some).collect();
+    order.into_iter().filter_map(|i| slots[i].take()).collect()
+}
+
+/// Runs `f`, turning a panic inside automerge into an error string.
+fn catch<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        p.downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic".into())
+    })
+}

@@ -1,0 +1,207 @@
+//! Enterprise identities and change signatures.
+//!
+//! Owns: the enterprise keypair ([`Keypair`]), its public, printable id
+//! ([`EnterpriseId`]), and the signing/verification of change hashes with a
+//! domain-separation prefix that binds every signature to one document.
+//! Must not: read randomness or the clock (key material is an input), or know
+//! anything about libp2p (the node derives the `PeerId` from the same secret).
+
+use std::fmt;
+use std::str::FromStr;
+
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use sha2::{Digest, Sha256};
+
+use crate::doc::DocId;
+use crate::error::IdError;
+
+/// Domain separation prefix for change signatures. Bumped if the signed payload changes.
+const CHANGE_SIG_DOMAIN: &[u8] = b"cofab/change/v1";
+/// Domain separation prefix for genesis signatures.
+const GENESIS_SIG_DOMAIN: &[u8] = b"cofab/genesis/v1";
+/// Human-readable prefix of an [`EnterpriseId`].
+pub const ENTERPRISE_ID_PREFIX: &str = "cf1";
+
+/// An enterprise's ed25519 keypair. The same 32-byte secret seeds the libp2p identity.
+#[derive(Clone)]
+pub struct Keypair {
+    signing: SigningKey,
+}
+
+impl Keypair {
+    /// Builds a keypair from a 32-byte secret (the caller supplies the randomness).
+    pub fn from_secret(secret: [u8; 32]) -> Self {
+        Self { signing: SigningKey::from_bytes(&secret) }
+    }
+    /// The 32-byte secret, for persisting the key.
+    pub fn secret_bytes(&self) -> [u8; 32] {
+        self.signing.to_bytes()
+    }
+    /// The public id of this enterprise.
+    pub fn id(&self) -> EnterpriseId {
+        EnterpriseId(self.signing.verifying_key().to_bytes())
+    }
+    /// Signs the hash of a change made in document `doc`.
+    pub fn sign_change(&self, doc: &DocId, hash: &automerge::ChangeHash) -> Signature {
+        self.signing.sign(&change_sig_payload(doc, hash))
+    }
+    /// Signs a genesis record's canonical bytes.
+    pub fn sign_genesis(&self, bytes: &[u8]) -> Signature {
+        let mut payload = GENESIS_SIG_DOMAIN.to_vec();
+        payload.extend_from_slice(bytes);
+        self.signing.sign(&payload)
+    }
+}
+
+impl fmt::Debug for Keypair {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Keypair({})", self.id())
+    }
+}
+
+/// The bytes a change signature covers: domain, document id, change hash.
+pub(crate) fn change_sig_payload(doc: &DocId, hash: &automerge::ChangeHash) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(CHANGE_SIG_DOMAIN.len() + 16 + 32);
+    payload.extend_from_slice(CHANGE_SIG_DOMAIN);
+    payload.extend_from_slice(doc.as_bytes());
+    payload.extend_from_slice(hash.as_ref());
+    payload
+}
+
+/// An enterprise's public key: who authored a change, who owns or belongs to a document.
+///
+/// Printed as `cf1` + lowercase base32 of the 32 key bytes and a 4-byte SHA-256 checksum,
+/// so a mistyped id is refused instead of naming a different enterprise.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EnterpriseId(pub [u8; 32]);
+
+impl EnterpriseId {
+    /// The raw key bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+    /// Parses raw bytes (e.g. an automerge actor id); the length must be 32.
+    pub fn from_slice(bytes: &[u8]) -> Result<Self, IdError> {
+        let arr: [u8; 32] = bytes.try_into().map_err(|_| IdError::Length(bytes.len()))?;
+        Ok(Self(arr))
+    }
+    /// The automerge actor id bound to this enterprise: exactly the public key.
+    pub fn actor(&self) -> automerge::ActorId {
+        automerge::ActorId::from(&self.0[..])
+    }
+    /// Verifies a change signature made by this enterprise.
+    pub fn verify_change(
+        &self,
+        doc: &DocId,
+        hash: &automerge::ChangeHash,
+        sig: &Signature,
+    ) -> bool {
+        match VerifyingKey::from_bytes(&self.0) {
+            Ok(vk) => vk.verify_strict(&change_sig_payload(doc, hash), sig).is_ok(),
+            Err(_) => false,
+        }
+    }
+    /// Verifies a genesis signature made by this enterprise.
+    pub fn verify_genesis(&self, bytes: &[u8], sig: &Signature) -> bool {
+        let mut payload = GENESIS_SIG_DOMAIN.to_vec();
+        payload.extend_from_slice(bytes);
+        match VerifyingKey::from_bytes(&self.0) {
+            Ok(vk) => vk.verify_strict(&payload, sig).is_ok(),
+            Err(_) => false,
+        }
+    }
+    /// The ed25519 verifying key, if the bytes are a valid point.
+    pub fn verifying_key(&self) -> Option<VerifyingKey> {
+        VerifyingKey::from_bytes(&self.0).ok()
+    }
+    /// Short form for logs and tables (first 10 characters after the prefix).
+    pub fn short(&self) -> String {
+        let s = self.to_string();
+        s[..ENTERPRISE_ID_PREFIX.len() + 10].to_string()
+    }
+}
+
+fn checksum(key: &[u8; 32]) -> [u8; 4] {
+    let d = Sha256::digest([b"cofab-id".as_slice(), key.as_slice()].concat());
+    [d[0], d[1], d[2], d[3]]
+}
+
+impl fmt::Display for EnterpriseId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut buf = self.0.to_vec();
+        buf.extend_from_slice(&checksum(&self.0));
+        write!(f, "{}{}", ENTERPRISE_ID_PREFIX, data_encoding::BASE32_NOPAD.encode(&buf).to_lowercase())
+    }
+}
+
+impl fmt::Debug for EnterpriseId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "EnterpriseId({})", self.short())
+    }
+}
+
+impl FromStr for EnterpriseId {
+    type Err = IdError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let rest = s.strip_prefix(ENTERPRISE_ID_PREFIX).ok_or(IdError::Prefix)?;
+        let bytes = data_encoding::BASE32_NOPAD
+            .decode(rest.to_uppercase().as_bytes())
+            .map_err(|_| IdError::Encoding)?;
+        if bytes.len() != 36 {
+            return Err(IdError::Length(bytes.len()));
+        }
+        let key: [u8; 32] = bytes[..32].try_into().expect("length checked");
+        if bytes[32..] != checksum(&key) {
+            return Err(IdError::Checksum);
+        }
+        Ok(Self(key))
+    }
+}
+
+impl serde::Serialize for EnterpriseId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for EnterpriseId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_round_trips_and_rejects_typos() {
+        let kp = Keypair::from_secret([7; 32]);
+        let id = kp.id();
+        let s = id.to_string();
+        assert!(s.starts_with("cf1"));
+        assert_eq!(s.parse::<EnterpriseId>().unwrap(), id);
+        // flip one character
+        let mut chars: Vec<char> = s.chars().collect();
+        let i = 10;
+        chars[i] = if chars[i] == 'a' { 'b' } else { 'a' };
+        let typo: String = chars.into_iter().collect();
+        assert!(matches!(typo.parse::<EnterpriseId>(), Err(IdError::Checksum)));
+        assert!(matches!("xx1abc".parse::<EnterpriseId>(), Err(IdError::Prefix)));
+        assert!("cf1!!".parse::<EnterpriseId>().is_err());
+    }
+
+    #[test]
+    fn change_signature_is_bound_to_document() {
+        let kp = Keypair::from_secret([1; 32]);
+        let d1 = DocId([1; 16]);
+        let d2 = DocId([2; 16]);
+        let h = automerge::ChangeHash([9; 32]);
+        let sig = kp.sign_change(&d1, &h);
+        assert!(kp.id().verify_change(&d1, &h, &sig));
+        assert!(!kp.id().verify_change(&d2, &h, &sig));
+        let other = Keypair::from_secret([2; 32]);
+        assert!(!other.id().verify_change(&d1, &h, &sig));
+    }
+}
