@@ -1,1 +1,16 @@
-pub fn x(){}
+//! # cofab-node: the IO shell around `cofab-protocol`
+//!
+//! - [`network`]: libp2p transports, behaviours and the sync codec.
+//! - [`store`]: the sled store with group commit.
+//! - [`node`]: the event loop that owns swarm, replica and store, and the
+//!   cloneable [`NodeHandle`] everything else uses.
+//! - [`api`]: the HTTP API (`/api/v1`), event stream, metrics and console.
+//! - [`config`]: the data folder (key, token, config file).
+//! - [`demo`]: a local network of four companies with sample documents.
+//! - [`client`]: the HTTP client the CLI uses.
+
+pub mod network;
+pub mod node;
+pub mod store;
+
+pub use node::{Event, Node, NodeConfig, NodeError, NodeHandle};

@@ -1,0 +1,175 @@
+//! The libp2p side: transports, behaviours, the sync codec and the mapping
+//! between enterprise ids and libp2p `PeerId`s.
+//!
+//! Owns: how bytes move between nodes. TCP and QUIC, noise, yamux, identify,
+//! ping, mDNS (optional), Kademlia for peers beyond the LAN, gossipsub for
+//! announcements, and a request-response protocol (`/cofab/sync/1`) carrying
+//! [`cofab_protocol::wire::Frame`]s as length-prefixed bytes.
+//! Must not: interpret frames (the event loop hands them to the replica).
+
+use std::io;
+use std::time::Duration;
+
+use cofab_protocol::wire::MAX_FRAME_BYTES;
+use cofab_protocol::{EnterpriseId, Keypair};
+use futures::prelude::*;
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::{connection_limits, gossipsub, identify, identity, kad, mdns, noise, ping, request_response, tcp, yamux, PeerId, StreamProtocol, Swarm};
+
+/// The sync protocol name.
+pub const SYNC_PROTOCOL: StreamProtocol = StreamProtocol::new("/cofab/sync/1");
+/// The gossipsub topic on which public documents are announced.
+pub const ANNOUNCE_TOPIC: &str = "cofab/announce/1";
+/// Most connections in total.
+pub const MAX_CONNECTIONS: u32 = 256;
+/// Most connections per peer.
+pub const MAX_CONNECTIONS_PER_PEER: u32 = 2;
+
+/// All behaviours of a cofab node.
+#[derive(NetworkBehaviour)]
+pub struct Behaviour {
+    /// Connection limits (total, per peer).
+    pub limits: connection_limits::Behaviour,
+    /// Document sync frames.
+    pub sync: request_response::Behaviour<SyncCodec>,
+    /// Announcements of public documents.
+    pub gossip: gossipsub::Behaviour,
+    /// Peer discovery beyond the LAN.
+    pub kad: kad::Behaviour<kad::store::MemoryStore>,
+    /// Exchange of listen addresses and protocols.
+    pub identify: identify::Behaviour,
+    /// Liveness.
+    pub ping: ping::Behaviour,
+    /// LAN discovery (off with `--no-mdns`).
+    pub mdns: Toggle<mdns::tokio::Behaviour>,
+}
+
+/// Length-prefixed frames: `u32 big-endian length | bytes`, at most [`MAX_FRAME_BYTES`].
+/// The response is one status byte (0 = taken).
+#[derive(Clone, Default)]
+pub struct SyncCodec;
+
+async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    io.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME_BYTES {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("frame of {len} bytes exceeds {MAX_FRAME_BYTES}")));
+    }
+    let mut buf = vec![0u8; len];
+    io.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, bytes: &[u8]) -> io::Result<()> {
+    if bytes.len() > MAX_FRAME_BYTES {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "frame too large"));
+    }
+    io.write_all(&(bytes.len() as u32).to_be_bytes()).await?;
+    io.write_all(bytes).await?;
+    io.flush().await
+}
+
+impl request_response::Codec for SyncCodec {
+    type Protocol = StreamProtocol;
+    type Request = Vec<u8>;
+    type Response = u8;
+
+    async fn read_request<T: AsyncRead + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Vec<u8>> {
+        read_frame(io).await
+    }
+    async fn read_response<T: AsyncRead + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<u8> {
+        let mut b = [0u8; 1];
+        io.read_exact(&mut b).await?;
+        Ok(b[0])
+    }
+    async fn write_request<T: AsyncWrite + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T, req: Vec<u8>) -> io::Result<()> {
+        write_frame(io, &req).await
+    }
+    async fn write_response<T: AsyncWrite + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T, res: u8) -> io::Result<()> {
+        io.write_all(&[res]).await?;
+        io.flush().await
+    }
+}
+
+/// The libp2p keypair of an enterprise: the same ed25519 secret that signs changes.
+pub fn libp2p_keypair(key: &Keypair) -> identity::Keypair {
+    identity::Keypair::ed25519_from_bytes(key.secret_bytes()).expect("32-byte ed25519 secret")
+}
+
+/// The `PeerId` of an enterprise.
+pub fn peer_id_of(id: &EnterpriseId) -> PeerId {
+    let pk = identity::ed25519::PublicKey::try_from_bytes(id.as_bytes()).expect("enterprise ids are valid keys");
+    identity::PublicKey::from(pk).to_peer_id()
+}
+
+/// The enterprise behind a `PeerId` (ed25519 peer ids embed the public key).
+pub fn enterprise_of(peer: &PeerId) -> Option<EnterpriseId> {
+    let mh = peer.as_ref();
+    if mh.code() != 0 {
+        return None;
+    }
+    let pk = identity::PublicKey::try_decode_protobuf(mh.digest()).ok()?;
+    let ed = pk.try_into_ed25519().ok()?;
+    Some(EnterpriseId(ed.to_bytes()))
+}
+
+/// Builds the swarm for `key`.
+pub fn build_swarm(key: &Keypair, enable_mdns: bool) -> Result<Swarm<Behaviour>, Box<dyn std::error::Error + Send + Sync>> {
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(libp2p_keypair(key))
+        .with_tokio()
+        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)?
+        .with_quic()
+        .with_behaviour(|k| {
+            let peer_id = k.public().to_peer_id();
+            let gossip_cfg = gossipsub::ConfigBuilder::default()
+                .heartbeat_interval(Duration::from_millis(500))
+                .validation_mode(gossipsub::ValidationMode::Strict)
+                .max_transmit_size(256 * 1024)
+                .build()
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            let gossip = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(k.clone()), gossip_cfg)
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            let mut kad_cfg = kad::Config::new(StreamProtocol::new("/cofab/kad/1"));
+            kad_cfg.set_query_timeout(Duration::from_secs(30));
+            let mut kad = kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_cfg);
+            kad.set_mode(Some(kad::Mode::Server));
+            let mdns = if enable_mdns { Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?) } else { None };
+            Ok(Behaviour {
+                limits: connection_limits::Behaviour::new(
+                    connection_limits::ConnectionLimits::default()
+                        .with_max_established(Some(MAX_CONNECTIONS))
+                        .with_max_established_per_peer(Some(MAX_CONNECTIONS_PER_PEER)),
+                ),
+                sync: request_response::Behaviour::with_codec(
+                    SyncCodec,
+                    [(SYNC_PROTOCOL, request_response::ProtocolSupport::Full)],
+                    request_response::Config::default()
+                        .with_request_timeout(Duration::from_secs(30))
+                        .with_max_concurrent_streams(256),
+                ),
+                gossip,
+                kad,
+                identify: identify::Behaviour::new(identify::Config::new("/cofab/1.0.0".into(), k.public())),
+                ping: ping::Behaviour::default(),
+                mdns: Toggle::from(mdns),
+            })
+        })?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
+        .build();
+    Ok(swarm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_id_round_trips_to_enterprise() {
+        let k = Keypair::from_secret([5; 32]);
+        let pid = peer_id_of(&k.id());
+        assert_eq!(pid, libp2p_keypair(&k).public().to_peer_id());
+        assert_eq!(enterprise_of(&pid), Some(k.id()));
+    }
+}

@@ -1,0 +1,847 @@
+//! The node: one event loop that owns the swarm, the replica and the store, and a
+//! cloneable [`NodeHandle`] through which everything else (API, CLI, tests) talks to it.
+//!
+//! Owns: the order of effects. Every loop iteration gathers the replica's outputs,
+//! writes them to the store as one group and makes them durable, and only then
+//! acknowledges callers and sends anything to peers: a node never tells anyone
+//! about a change it could lose in a crash.
+//! Must not: block on anything but the store's group commit; decide rules (the
+//! replica does).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use cofab_protocol::document::{Accepted, Document};
+use cofab_protocol::sync::{FetchPolicy, Output, Replica, ReplicaError};
+use cofab_protocol::wire::{Announcement, Frame, SyncMessage, MAX_FRAME_BYTES};
+use cofab_protocol::{DocId, EditError, EnterpriseId, Keypair, Kind, Visibility};
+use futures::StreamExt;
+use libp2p::swarm::SwarmEvent;
+use libp2p::{gossipsub, identify, kad, mdns, request_response, Multiaddr, PeerId, Swarm};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::network::{self, Behaviour, BehaviourEvent};
+use crate::store::{Store, StoreError, Write};
+
+/// Capacity of the command channel.
+pub const COMMAND_QUEUE: usize = 1024;
+/// Capacity of the event broadcast.
+pub const EVENT_QUEUE: usize = 4096;
+/// Most commands handled in one group commit.
+pub const MAX_COMMANDS_PER_COMMIT: usize = 1024;
+/// A document's incremental changes are folded into a snapshot past this count.
+pub const COMPACT_AFTER: usize = 4096;
+/// Standing below which a peer is disconnected and banned.
+pub const BAN_STANDING: i64 = -20;
+/// Target size of one outgoing frame.
+const FRAME_BUDGET: usize = 4 * 1024 * 1024;
+
+/// Node settings.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Enterprise key.
+    pub key: Keypair,
+    /// Display name of the enterprise.
+    pub name: String,
+    /// Where the sled store lives.
+    pub store_dir: PathBuf,
+    /// Listen addresses (e.g. `/ip4/127.0.0.1/tcp/0`).
+    pub listen: Vec<Multiaddr>,
+    /// Peers to dial at start (with or without `/p2p/<peer id>`).
+    pub bootstrap: Vec<Multiaddr>,
+    /// LAN discovery.
+    pub mdns: bool,
+    /// Which public documents to fetch.
+    pub fetch: FetchPolicy,
+    /// Period of the sync repair tick.
+    pub tick: Duration,
+}
+
+impl NodeConfig {
+    /// Defaults for a key and a store folder: listen on 127.0.0.1 (random port), mDNS off.
+    pub fn new(key: Keypair, name: impl Into<String>, store_dir: PathBuf) -> Self {
+        Self {
+            key,
+            name: name.into(),
+            store_dir,
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("valid")],
+            bootstrap: Vec::new(),
+            mdns: false,
+            fetch: FetchPolicy::default(),
+            tick: Duration::from_millis(1000),
+        }
+    }
+}
+
+/// Errors of the node handle.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The node has stopped.
+    #[error("node stopped")]
+    Stopped,
+    /// No such document.
+    #[error("no document {0}")]
+    NotFound(DocId),
+    /// The edit was refused.
+    #[error(transparent)]
+    Edit(#[from] EditError),
+    /// The store failed: the write is not acknowledged.
+    #[error("store failed: {0}")]
+    Store(String),
+    /// Starting failed.
+    #[error("start: {0}")]
+    Start(String),
+    /// Network operation failed.
+    #[error("network: {0}")]
+    Network(String),
+}
+
+impl From<ReplicaError> for NodeError {
+    fn from(e: ReplicaError) -> Self {
+        match e {
+            ReplicaError::NotFound(d) => NodeError::NotFound(d),
+            ReplicaError::Edit(e) => NodeError::Edit(e),
+        }
+    }
+}
+
+/// Something that happened, for the event stream.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// A document changed (locally or from a peer).
+    DocUpdated {
+        /// Document id.
+        doc: String,
+        /// Kind.
+        kind: Kind,
+        /// Peer enterprise it came from, if remote.
+        from: Option<String>,
+    },
+    /// A peer connected.
+    PeerConnected {
+        /// Peer id.
+        peer_id: String,
+        /// Enterprise id.
+        enterprise_id: Option<String>,
+    },
+    /// A peer disconnected.
+    PeerDisconnected {
+        /// Peer id.
+        peer_id: String,
+    },
+    /// Input from a peer was refused.
+    Rejected {
+        /// Peer id.
+        peer_id: String,
+        /// Document, if known.
+        doc: Option<String>,
+        /// Reason label.
+        reason: String,
+        /// Detail.
+        detail: String,
+    },
+}
+
+/// Counters exported as Prometheus metrics.
+#[derive(Default, Debug)]
+pub struct Metrics {
+    /// Frames received.
+    pub frames_in: AtomicU64,
+    /// Frames sent.
+    pub frames_out: AtomicU64,
+    /// Bytes received in frames.
+    pub bytes_in: AtomicU64,
+    /// Bytes sent in frames.
+    pub bytes_out: AtomicU64,
+    /// Group commits.
+    pub commits: AtomicU64,
+    /// Sync round trip histogram buckets (µs upper bounds in [`RTT_BUCKETS_US`]).
+    pub rtt_buckets: [AtomicU64; 12],
+    /// Sum of sync round trips, µs.
+    pub rtt_sum_us: AtomicU64,
+    /// Count of sync round trips.
+    pub rtt_count: AtomicU64,
+}
+
+/// Upper bounds (µs) of the sync latency histogram.
+pub const RTT_BUCKETS_US: [u64; 12] = [100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 1_000_000, u64::MAX];
+
+impl Metrics {
+    fn observe_rtt(&self, us: u64) {
+        for (i, b) in RTT_BUCKETS_US.iter().enumerate() {
+            if us <= *b {
+                self.rtt_buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.rtt_sum_us.fetch_add(us, Ordering::Relaxed);
+        self.rtt_count.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A connected peer.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PeerInfo {
+    /// libp2p peer id.
+    pub peer_id: String,
+    /// Enterprise id (from the peer's key).
+    pub enterprise_id: Option<String>,
+    /// Remote addresses of open connections.
+    pub addrs: Vec<String>,
+    /// Standing: drops with every refused input.
+    pub standing: i64,
+    /// Unix ms when connected.
+    pub connected_ms: i64,
+}
+
+/// What a read closure sees.
+pub struct ReadCtx<'a> {
+    /// The replica.
+    pub replica: &'a Replica,
+    /// Current listen addresses.
+    pub listen_addrs: &'a [Multiaddr],
+    /// Connected peers.
+    pub peers: Vec<PeerInfo>,
+    /// Rejections by reason (decode errors, rule violations, ...).
+    pub rejected: &'a BTreeMap<String, u64>,
+    /// Store size in bytes.
+    pub store_bytes: u64,
+}
+
+type ReadFn = Box<dyn FnOnce(&ReadCtx<'_>) + Send>;
+type EditFn = Box<dyn FnOnce(&mut Document, &Keypair, i64) -> Result<Accepted, EditError> + Send>;
+type CreateFn = Box<dyn FnOnce(&Keypair, i64, u64) -> Result<(Document, Accepted), EditError> + Send>;
+type Reply = Box<dyn FnOnce(Result<(), NodeError>) + Send>;
+
+enum Command {
+    Read(ReadFn),
+    Edit { doc: DocId, f: EditFn, reply: oneshot::Sender<Result<(), NodeError>> },
+    Create { f: CreateFn, reply: oneshot::Sender<Result<DocId, NodeError>> },
+    Dial { addr: Multiaddr, reply: oneshot::Sender<Result<(), NodeError>> },
+    Shutdown { reply: oneshot::Sender<()> },
+}
+
+/// Fixed facts about a running node.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    /// libp2p peer id.
+    pub peer_id: PeerId,
+    /// Enterprise id.
+    pub enterprise_id: EnterpriseId,
+    /// Display name.
+    pub name: String,
+}
+
+/// A cloneable handle to a running node.
+#[derive(Clone)]
+pub struct NodeHandle {
+    tx: mpsc::Sender<Command>,
+    events: broadcast::Sender<Event>,
+    /// Fixed facts.
+    pub info: Arc<NodeInfo>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+impl NodeHandle {
+    /// Runs `f` on the event loop with read access to the node's state.
+    pub async fn read<T: Send + 'static>(&self, f: impl FnOnce(&ReadCtx<'_>) -> T + Send + 'static) -> Result<T, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Read(Box::new(move |ctx| {
+                let _ = tx.send(f(ctx));
+            })))
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// Creates a document; returns once it is durable.
+    pub async fn create(
+        &self,
+        f: impl FnOnce(&Keypair, i64, u64) -> Result<(Document, Accepted), EditError> + Send + 'static,
+    ) -> Result<DocId, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Command::Create { f: Box::new(f), reply: tx }).await.map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)?
+    }
+
+    /// Edits a document; returns once the change is durable (and then sends it to peers).
+    pub async fn edit(
+        &self,
+        doc: DocId,
+        f: impl FnOnce(&mut Document, &Keypair, i64) -> Result<Accepted, EditError> + Send + 'static,
+    ) -> Result<(), NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Command::Edit { doc, f: Box::new(f), reply: tx }).await.map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)?
+    }
+
+    /// Dials a peer address.
+    pub async fn dial(&self, addr: Multiaddr) -> Result<(), NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Command::Dial { addr, reply: tx }).await.map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)?
+    }
+
+    /// Stops the node: pending writes are flushed, connections closed.
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Command::Shutdown { reply: tx }).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Subscribes to node events.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// Current listen addresses.
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NodeError> {
+        self.read(|c| c.listen_addrs.to_vec()).await
+    }
+}
+
+/// A running node: its handle and the task running its event loop.
+pub struct Node {
+    /// The handle.
+    pub handle: NodeHandle,
+    /// The event loop task; ends after shutdown.
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl Node {
+    /// Opens the store, loads every document, starts listening and spawns the event loop.
+    /// Returns once the node listens on every configured address.
+    pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
+        let dir = config.store_dir.clone();
+        let store = tokio::task::spawn_blocking(move || Store::open(&dir))
+            .await
+            .map_err(|e| NodeError::Start(e.to_string()))?
+            .map_err(|e| NodeError::Start(format!("opening store in {}: {e}", config.store_dir.display())))?;
+        let store = Arc::new(store);
+        let mut replica = Replica::new(config.key.clone());
+        replica.policy = config.fetch.clone();
+        let stored = {
+            let s = store.clone();
+            tokio::task::spawn_blocking(move || s.load_all()).await.map_err(|e| NodeError::Start(e.to_string()))?
+        }
+        .map_err(|e| NodeError::Start(e.to_string()))?;
+        let mut incremental = HashMap::new();
+        for s in stored {
+            let id = s.genesis.id();
+            incremental.insert(id, s.changes.len());
+            let doc = Document::load_trusted(s.genesis, s.snapshot.as_deref(), s.changes, s.sigs)
+                .map_err(|e| NodeError::Start(format!("loading document {id}: {e}")))?;
+            replica.load(doc);
+        }
+        let mut swarm = network::build_swarm(&config.key, config.mdns).map_err(|e| NodeError::Start(e.to_string()))?;
+        let topic = gossipsub::IdentTopic::new(network::ANNOUNCE_TOPIC);
+        swarm.behaviour_mut().gossip.subscribe(&topic).map_err(|e| NodeError::Start(e.to_string()))?;
+        for a in &config.listen {
+            swarm.listen_on(a.clone()).map_err(|e| NodeError::Start(format!("listen on {a}: {e}")))?;
+        }
+        // Wait until each listener reports its address.
+        let mut listen_addrs = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while listen_addrs.len() < config.listen.len() && Instant::now() < deadline {
+            match tokio::time::timeout(Duration::from_millis(200), swarm.select_next_some()).await {
+                Ok(SwarmEvent::NewListenAddr { address, .. }) => listen_addrs.push(address),
+                Ok(SwarmEvent::ListenerError { error, .. }) => return Err(NodeError::Start(error.to_string())),
+                _ => {}
+            }
+        }
+        for b in &config.bootstrap {
+            if let Some(libp2p::multiaddr::Protocol::P2p(pid)) = b.iter().last() {
+                swarm.behaviour_mut().kad.add_address(&pid, b.clone());
+            }
+            if let Err(e) = swarm.dial(b.clone()) {
+                tracing::warn!("dial bootstrap {b}: {e}");
+            }
+        }
+        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+        let (events, _) = broadcast::channel(EVENT_QUEUE);
+        let info = Arc::new(NodeInfo { peer_id: *swarm.local_peer_id(), enterprise_id: config.key.id(), name: config.name.clone() });
+        let metrics = Arc::new(Metrics::default());
+        let handle = NodeHandle { tx, events: events.clone(), info, metrics: metrics.clone() };
+        let el = EventLoop {
+            swarm,
+            replica,
+            store,
+            commands: rx,
+            events,
+            metrics,
+            listen_addrs,
+            peers: HashMap::new(),
+            banned: HashSet::new(),
+            rejected: BTreeMap::new(),
+            pending: Pending::default(),
+            inflight: HashMap::new(),
+            incremental,
+            topic,
+            tick: config.tick,
+            has_bootstrap: !config.bootstrap.is_empty(),
+        };
+        let task = tokio::spawn(el.run());
+        Ok(Node { handle, task })
+    }
+}
+
+struct PeerState {
+    enterprise: Option<EnterpriseId>,
+    addrs: Vec<Multiaddr>,
+    standing: i64,
+    connected_ms: i64,
+}
+
+#[derive(Default)]
+struct Pending {
+    writes: Vec<Write>,
+    sends: BTreeMap<EnterpriseId, Vec<SyncMessage>>,
+    replies: Vec<Reply>,
+    events: Vec<Event>,
+    announce: Vec<DocId>,
+}
+
+struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    replica: Replica,
+    store: Arc<Store>,
+    commands: mpsc::Receiver<Command>,
+    events: broadcast::Sender<Event>,
+    metrics: Arc<Metrics>,
+    listen_addrs: Vec<Multiaddr>,
+    peers: HashMap<PeerId, PeerState>,
+    banned: HashSet<PeerId>,
+    rejected: BTreeMap<String, u64>,
+    pending: Pending,
+    inflight: HashMap<request_response::OutboundRequestId, Instant>,
+    incremental: HashMap<DocId, usize>,
+    topic: gossipsub::IdentTopic,
+    tick: Duration,
+    has_bootstrap: bool,
+}
+
+impl EventLoop {
+    async fn run(mut self) {
+        let mut tick = tokio::time::interval(self.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut kad_tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                biased;
+                cmd = self.commands.recv() => {
+                    let Some(cmd) = cmd else { break };
+                    let mut stop = None;
+                    if let Some(reply) = self.command(cmd) { stop = Some(reply); }
+                    let mut n = 1;
+                    while stop.is_none() && n < MAX_COMMANDS_PER_COMMIT {
+                        match self.commands.try_recv() {
+                            Ok(cmd) => { if let Some(reply) = self.command(cmd) { stop = Some(reply); } n += 1; }
+                            Err(_) => break,
+                        }
+                    }
+                    self.commit().await;
+                    if let Some(reply) = stop {
+                        self.shutdown().await;
+                        let _ = reply.send(());
+                        return;
+                    }
+                }
+                ev = self.swarm.select_next_some() => {
+                    self.swarm_event(ev);
+                    self.commit().await;
+                }
+                _ = tick.tick() => {
+                    let outs = self.replica.tick();
+                    self.outputs(outs, None);
+                    self.commit().await;
+                }
+                _ = kad_tick.tick() => {
+                    if self.has_bootstrap {
+                        let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                    }
+                }
+            }
+        }
+        self.shutdown().await;
+    }
+
+    async fn shutdown(&mut self) {
+        let store = self.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.sync()).await;
+        let peers: Vec<PeerId> = self.peers.keys().copied().collect();
+        for p in peers {
+            let _ = self.swarm.disconnect_peer_id(p);
+        }
+        tracing::info!("node stopped; store flushed");
+    }
+
+    /// Handles one command; returns the shutdown reply if it was a shutdown.
+    fn command(&mut self, cmd: Command) -> Option<oneshot::Sender<()>> {
+        match cmd {
+            Command::Read(f) => {
+                let peers = self.peer_infos();
+                let ctx = ReadCtx {
+                    replica: &self.replica,
+                    listen_addrs: &self.listen_addrs,
+                    peers,
+                    rejected: &self.rejected,
+                    store_bytes: self.store.size_on_disk(),
+                };
+                f(&ctx);
+            }
+            Command::Create { f, reply } => {
+                let nonce: u64 = rand::random();
+                match f(self.replica.keypair(), now_ms(), nonce) {
+                    Ok((doc, acc)) => {
+                        let id = doc.id();
+                        let public = doc.genesis().visibility == Visibility::Public;
+                        let kind = doc.genesis().kind;
+                        let outs = self.replica.create(doc, acc);
+                        self.outputs(outs, None);
+                        if public {
+                            self.pending.announce.push(id);
+                        }
+                        self.pending.events.push(Event::DocUpdated { doc: id.to_string(), kind, from: None });
+                        self.pending.replies.push(Box::new(move |r| {
+                            let _ = reply.send(r.map(|_| id));
+                        }));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                    }
+                }
+            }
+            Command::Edit { doc, f, reply } => match self.replica.edit(&doc, now_ms(), f) {
+                Ok((_, outs)) => {
+                    if let Some(d) = self.replica.doc(&doc) {
+                        if d.genesis().visibility == Visibility::Public {
+                            self.pending.announce.push(doc);
+                        }
+                        self.pending.events.push(Event::DocUpdated { doc: doc.to_string(), kind: d.genesis().kind, from: None });
+                    }
+                    self.outputs(outs, None);
+                    self.pending.replies.push(Box::new(move |r| {
+                        let _ = reply.send(r);
+                    }));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e.into()));
+                }
+            },
+            Command::Dial { addr, reply } => {
+                let r = self.swarm.dial(addr).map_err(|e| NodeError::Network(e.to_string()));
+                let _ = reply.send(r);
+            }
+            Command::Shutdown { reply } => return Some(reply),
+        }
+        None
+    }
+
+    fn peer_infos(&self) -> Vec<PeerInfo> {
+        let mut v: Vec<PeerInfo> = self
+            .peers
+            .iter()
+            .map(|(p, s)| PeerInfo {
+                peer_id: p.to_string(),
+                enterprise_id: s.enterprise.map(|e| e.to_string()),
+                addrs: s.addrs.iter().map(|a| a.to_string()).collect(),
+                standing: s.standing,
+                connected_ms: s.connected_ms,
+            })
+            .collect();
+        v.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+        v
+    }
+
+    fn outputs(&mut self, outs: Vec<Output>, from_peer: Option<PeerId>) {
+        for o in outs {
+            match o {
+                Output::Send { to, msg } => self.pending.sends.entry(to).or_default().push(msg),
+                Output::Persist { doc, genesis, accepted } => {
+                    *self.incremental.entry(doc).or_default() += accepted.changes.len();
+                    if accepted.snapshot.is_some() {
+                        self.incremental.insert(doc, 0);
+                    }
+                    self.pending.writes.push(Write::Doc { doc, genesis, accepted });
+                }
+                Output::Rejected { from, doc, error } => {
+                    let peer = network::peer_id_of(&from);
+                    self.reject(peer, Some(doc), error.reason(), error.to_string());
+                }
+                Output::Updated { doc, kind, from } => {
+                    self.pending.events.push(Event::DocUpdated { doc: doc.to_string(), kind, from: Some(from.to_string()) });
+                }
+            }
+        }
+        let _ = from_peer;
+    }
+
+    fn reject(&mut self, peer: PeerId, doc: Option<DocId>, reason: &str, detail: String) {
+        tracing::warn!(%peer, ?doc, reason, %detail, "refused input");
+        *self.rejected.entry(reason.to_string()).or_default() += 1;
+        self.pending.events.push(Event::Rejected { peer_id: peer.to_string(), doc: doc.map(|d| d.to_string()), reason: reason.to_string(), detail });
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.standing -= if reason == "missing_deps" { 0 } else { 5 };
+            if p.standing <= BAN_STANDING {
+                tracing::warn!(%peer, "standing too low: disconnecting and banning");
+                self.banned.insert(peer);
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+        }
+    }
+
+    fn swarm_event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        match ev {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!("listening on {address}");
+                if !self.listen_addrs.contains(&address) {
+                    self.listen_addrs.push(address);
+                }
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => self.listen_addrs.retain(|a| a != &address),
+            SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. } => {
+                if self.banned.contains(&peer_id) {
+                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                    return;
+                }
+                let addr = endpoint.get_remote_address().clone();
+                if endpoint.is_dialer() {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr.clone());
+                }
+                let enterprise = network::enterprise_of(&peer_id);
+                let st = self.peers.entry(peer_id).or_insert(PeerState { enterprise, addrs: Vec::new(), standing: 0, connected_ms: now_ms() });
+                st.addrs.push(addr);
+                if num_established.get() == 1 {
+                    tracing::info!(%peer_id, "peer connected");
+                    self.pending.events.push(Event::PeerConnected { peer_id: peer_id.to_string(), enterprise_id: enterprise.map(|e| e.to_string()) });
+                    if let Some(e) = enterprise {
+                        let outs = self.replica.peer_connected(e);
+                        self.outputs(outs, Some(peer_id));
+                    }
+                }
+            }
+            SwarmEvent::ConnectionClosed { peer_id, num_established, endpoint, .. } => {
+                if let Some(st) = self.peers.get_mut(&peer_id) {
+                    let a = endpoint.get_remote_address();
+                    if let Some(i) = st.addrs.iter().position(|x| x == a) {
+                        st.addrs.remove(i);
+                    }
+                }
+                if num_established == 0 {
+                    tracing::info!(%peer_id, "peer disconnected");
+                    self.peers.remove(&peer_id);
+                    if let Some(e) = network::enterprise_of(&peer_id) {
+                        self.replica.peer_disconnected(&e);
+                    }
+                    self.pending.events.push(Event::PeerDisconnected { peer_id: peer_id.to_string() });
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Sync(ev)) => self.sync_event(ev),
+            SwarmEvent::Behaviour(BehaviourEvent::Gossip(gossipsub::Event::Message { propagation_source, message, .. })) => {
+                self.announcement(propagation_source, message);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
+                for (peer, addr) in list {
+                    if !self.peers.contains_key(&peer) && !self.banned.contains(&peer) {
+                        self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                        let _ = self.swarm.dial(addr);
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+                for a in info.listen_addrs {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, a);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, .. })) => {
+                if !self.peers.contains_key(&peer) && !self.banned.contains(&peer) && peer != *self.swarm.local_peer_id() {
+                    let _ = self.swarm.dial(peer);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn sync_event(&mut self, ev: request_response::Event<Vec<u8>, u8>) {
+        match ev {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request { request, channel, .. } => {
+                    let _ = self.swarm.behaviour_mut().sync.send_response(channel, 0);
+                    self.metrics.frames_in.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.bytes_in.fetch_add(request.len() as u64, Ordering::Relaxed);
+                    let Some(from) = network::enterprise_of(&peer) else {
+                        self.reject(peer, None, "unbound_peer", "peer id is not an ed25519 key".into());
+                        return;
+                    };
+                    match Frame::decode(&request) {
+                        Ok(Frame::Sync(msgs)) => {
+                            let now = now_ms();
+                            for m in msgs {
+                                let outs = self.replica.receive(from, m, now);
+                                self.outputs(outs, Some(peer));
+                            }
+                        }
+                        Ok(Frame::Announce(items)) => self.announced(peer, items),
+                        Err(e) => {
+                            let reason = match e {
+                                cofab_protocol::DecodeError::UnknownVersion(_) => "unknown_version",
+                                cofab_protocol::DecodeError::TooLarge { .. } => "oversized",
+                                cofab_protocol::DecodeError::Truncated => "truncated",
+                                _ => "malformed_frame",
+                            };
+                            self.reject(peer, None, reason, e.to_string());
+                        }
+                    }
+                }
+                request_response::Message::Response { request_id, .. } => {
+                    if let Some(t) = self.inflight.remove(&request_id) {
+                        self.metrics.observe_rtt(t.elapsed().as_micros() as u64);
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure { request_id, peer, error, .. } => {
+                self.inflight.remove(&request_id);
+                tracing::debug!(%peer, %error, "sync send failed");
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                if let request_response::InboundFailure::Io(e) = &error {
+                    if e.kind() == std::io::ErrorKind::InvalidData {
+                        self.reject(peer, None, "oversized", e.to_string());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn announcement(&mut self, source: PeerId, message: gossipsub::Message) {
+        match Frame::decode(&message.data) {
+            Ok(Frame::Announce(items)) => {
+                let origin = message.source.unwrap_or(source);
+                self.announced(origin, items)
+            }
+            Ok(_) => self.reject(source, None, "malformed_frame", "sync frame on the announce topic".into()),
+            Err(e) => self.reject(source, None, "malformed_frame", e.to_string()),
+        }
+    }
+
+    fn announced(&mut self, origin: PeerId, items: Vec<Announcement>) {
+        let Some(e) = network::enterprise_of(&origin) else { return };
+        for a in items.into_iter().take(1024) {
+            if self.replica.doc(&a.doc).is_some() {
+                continue;
+            }
+            if self.peers.contains_key(&origin) {
+                if let Some(o) = self.replica.request(e, a.doc) {
+                    self.outputs(vec![o], Some(origin));
+                }
+            } else if !self.banned.contains(&origin) {
+                // Connecting starts sessions for every document the peer may share.
+                let _ = self.swarm.dial(origin);
+            }
+        }
+    }
+
+    /// Makes pending writes durable, then acknowledges callers, sends and publishes.
+    async fn commit(&mut self) {
+        let mut pending = std::mem::take(&mut self.pending);
+        // Compaction of documents with many incremental changes.
+        let heavy: Vec<DocId> = self.incremental.iter().filter(|(_, n)| **n > COMPACT_AFTER).map(|(d, _)| *d).collect();
+        for d in heavy {
+            if let Some(doc) = self.replica.doc(&d) {
+                pending.writes.push(Write::Compact { doc: d, snapshot: doc.save() });
+            }
+            self.incremental.insert(d, 0);
+        }
+        let result = if pending.writes.is_empty() {
+            Ok(())
+        } else {
+            let store = self.store.clone();
+            let writes = std::mem::take(&mut pending.writes);
+            self.metrics.commits.fetch_add(1, Ordering::Relaxed);
+            match tokio::task::spawn_blocking(move || store.apply(&writes)).await {
+                Ok(r) => r,
+                Err(e) => Err(StoreError::Corrupt(format!("store task: {e}"))),
+            }
+        };
+        if let Err(e) = &result {
+            tracing::error!("store commit failed: {e}");
+            // Nothing that was not stored may leave this node.
+            for r in pending.replies {
+                r(Err(NodeError::Store(e.to_string())));
+            }
+            return;
+        }
+        for r in pending.replies {
+            r(Ok(()));
+        }
+        for (to, msgs) in pending.sends {
+            self.send_frames(to, msgs);
+        }
+        if !pending.announce.is_empty() {
+            pending.announce.sort();
+            pending.announce.dedup();
+            let items: Vec<Announcement> = pending
+                .announce
+                .iter()
+                .filter_map(|d| self.replica.doc(d))
+                .map(|d| Announcement { doc: d.id(), kind: d.genesis().kind, owner: d.genesis().owner, changes: d.change_count() as u64 })
+                .collect();
+            let bytes = Frame::Announce(items).encode();
+            let topic = self.topic.clone();
+            let _ = self.swarm.behaviour_mut().gossip.publish(topic, bytes);
+        }
+        for e in pending.events {
+            let _ = self.events.send(e);
+        }
+    }
+
+    fn send_frames(&mut self, to: EnterpriseId, msgs: Vec<SyncMessage>) {
+        let peer = network::peer_id_of(&to);
+        let mut batch: Vec<SyncMessage> = Vec::new();
+        let mut size = 0;
+        let mut frames = Vec::new();
+        for m in msgs {
+            let est = estimate(&m);
+            if !batch.is_empty() && (size + est > FRAME_BUDGET || batch.len() >= cofab_protocol::wire::MAX_MESSAGES_PER_FRAME) {
+                frames.push(Frame::Sync(std::mem::take(&mut batch)).encode());
+                size = 0;
+            }
+            size += est;
+            batch.push(m);
+        }
+        if !batch.is_empty() {
+            frames.push(Frame::Sync(batch).encode());
+        }
+        for f in frames {
+            if f.len() > MAX_FRAME_BYTES {
+                tracing::error!(len = f.len(), "frame over the limit not sent");
+                continue;
+            }
+            self.metrics.frames_out.fetch_add(1, Ordering::Relaxed);
+            self.metrics.bytes_out.fetch_add(f.len() as u64, Ordering::Relaxed);
+            let id = self.swarm.behaviour_mut().sync.send_request(&peer, f);
+            self.inflight.insert(id, Instant::now());
+        }
+    }
+}
+
+fn estimate(m: &SyncMessage) -> usize {
+    use cofab_protocol::wire::Payload;
+    let p = match &m.payload {
+        Payload::None => 0,
+        Payload::Changes(b) => b.changes.iter().map(|c| c.len() + 4).sum::<usize>() + b.sigs.len() * 96,
+        Payload::Snapshot { bytes, sigs } => bytes.len() + sigs.len() * 96,
+    };
+    p + 64 + m.clock.len() * 40 + m.heads.len() * 32 + m.genesis.as_ref().map(|g| g.0.len() + 64).unwrap_or(0)
+}
