@@ -9,6 +9,10 @@
 //! - [`demo`]: a local network of four companies with sample documents.
 //! - [`client`]: the HTTP client the CLI uses.
 
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod demo;
 pub mod network;
 pub mod node;
 pub mod store;

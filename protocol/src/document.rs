@@ -331,6 +331,19 @@ impl Document {
             by_author.entry(a).or_default().push(i);
         }
         let fresh_hashes: HashSet<ChangeHash> = fresh.iter().map(|c| c.hash()).collect();
+        // Missing predecessors first: an honest peer whose earlier message was dropped or
+        // overtaken sends a change whose seq jumps ahead; that is a resync, not an attack.
+        // A seq gap whose deps we do hold can only be forged, and is refused below.
+        if check_deps {
+            let missing = fresh
+                .iter()
+                .flat_map(|c| c.deps().iter())
+                .filter(|d| !fresh_hashes.contains(d) && self.doc.get_change_meta_by_hash(d).is_none())
+                .count();
+            if missing > 0 {
+                return Err(IngestError::MissingDeps(missing));
+            }
+        }
         let mut to_verify: Vec<(EnterpriseId, ChangeHash, [u8; 64])> = Vec::new();
         for (author, idxs) in by_author.iter_mut() {
             idxs.sort_by_key(|i| fresh[*i].seq());
@@ -358,16 +371,6 @@ impl Document {
                     }
                     None => {}
                 }
-            }
-        }
-        if check_deps {
-            let missing = fresh
-                .iter()
-                .flat_map(|c| c.deps().iter())
-                .filter(|d| !fresh_hashes.contains(d) && self.doc.get_change_meta_by_hash(d).is_none())
-                .count();
-            if missing > 0 {
-                return Err(IngestError::MissingDeps(missing));
             }
         }
         verify_sigs(&self.id(), &to_verify)?;

@@ -384,6 +384,10 @@ impl Replica {
             return out;
         }
         if session.failed {
+            // A genesis re-sent by a peer we stopped listening to is not kept (it was never persisted).
+            if new_genesis.is_some() {
+                self.docs.remove(&id);
+            }
             return out;
         }
         session.last_heard_ms = Some(now_ms);
@@ -402,6 +406,9 @@ impl Replica {
                 session.missing_deps += 1;
                 *self.stats.rejected.entry("missing_deps").or_default() += 1;
                 if session.missing_deps > MAX_MISSING_DEPS {
+                    if new_genesis.is_some() {
+                        self.docs.remove(&id);
+                    }
                     return out;
                 }
                 let _ = n;

@@ -109,7 +109,8 @@ impl Run {
     }
 
     fn create(&mut self) {
-        let Some(n) = self.pick(&self.up_nodes()) else { return };
+        let up = self.up_nodes();
+        let Some(n) = self.pick(&up) else { return };
         let nonce: u64 = self.rng.random();
         let kind = [Kind::Order, Kind::Capacity, Kind::Design][self.rng.random_range(0..3)];
         let visibility = if self.rng.random_bool(0.5) { Visibility::Public } else { Visibility::Members };
@@ -142,7 +143,8 @@ impl Run {
 
     /// A random typed edit by a random up node that holds a random document.
     fn random_edit(&mut self) {
-        let Some((id, kind, owner)) = self.pick(&self.docs) else { return };
+        let docs = self.docs.clone();
+        let Some((id, kind, owner)) = self.pick(&docs) else { return };
         let holders: Vec<usize> = self.up_nodes().into_iter().filter(|i| self.net.nodes[*i].replica.doc(&id).is_some()).collect();
         let Some(n) = self.pick(&holders) else { return };
         let r = self.rng.random_range(0..100u32);
@@ -283,7 +285,8 @@ fn run_seed(seed: u64) -> Tally {
             75..=81 => run.random_partition(),
             82..=85 => run.net.heal(),
             86..=91 => {
-                if let Some(i) = run.pick(&run.up_nodes()) {
+                let up = run.up_nodes();
+                if let Some(i) = run.pick(&up) {
                     run.net.crash(i);
                     run.tally.crashes += 1;
                 }
@@ -295,7 +298,8 @@ fn run_seed(seed: u64) -> Tally {
                 }
             }
             _ => {
-                if let Some(i) = run.pick(&run.up_nodes()) {
+                let up = run.up_nodes();
+                if let Some(i) = run.pick(&up) {
                     run.net.act(i, |r, _| ((), r.tick()));
                 }
             }
@@ -307,7 +311,11 @@ fn run_seed(seed: u64) -> Tally {
             run.net.restart(i);
         }
     }
-    run.net.run_until_quiescent(MAX_STEPS);
+    let net = &mut run.net;
+    if let Err(e) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| net.run_until_quiescent(MAX_STEPS))) {
+        eprintln!("seed {seed}: rejections seen: {:?}", &net.rejections[..net.rejections.len().min(20)]);
+        std::panic::resume_unwind(e);
+    }
     check_converged(&run.net, &run.docs);
     run.tally
 }
