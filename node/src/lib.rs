@@ -10,6 +10,7 @@
 //! - [`client`]: the HTTP client the CLI uses.
 
 pub mod api;
+pub mod bench;
 pub mod client;
 pub mod config;
 pub mod demo;

@@ -359,6 +359,13 @@ impl Node {
                 _ => {}
             }
         }
+        // Peer book: redial the peers we were connected to before.
+        let book = store.settings_with_prefix("peer/").unwrap_or_default();
+        for (k, v) in book.iter().take(64) {
+            let (Ok(pid), Ok(addr)) = (k.trim_start_matches("peer/").parse::<PeerId>(), String::from_utf8_lossy(v).parse::<Multiaddr>()) else { continue };
+            swarm.behaviour_mut().kad.add_address(&pid, addr.clone());
+            let _ = swarm.dial(libp2p::swarm::dial_opts::DialOpts::peer_id(pid).addresses(vec![addr]).build());
+        }
         for b in &config.bootstrap {
             if let Some(libp2p::multiaddr::Protocol::P2p(pid)) = b.iter().last() {
                 swarm.behaviour_mut().kad.add_address(&pid, b.clone());
@@ -617,12 +624,18 @@ impl EventLoop {
                 let addr = endpoint.get_remote_address().clone();
                 if endpoint.is_dialer() {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, addr.clone());
+                    // Remember the address in the peer book (made durable with the next commit).
+                    self.pending.writes.push(Write::Setting { key: format!("peer/{peer_id}"), value: addr.to_string().into_bytes() });
                 }
                 let enterprise = network::enterprise_of(&peer_id);
                 let st = self.peers.entry(peer_id).or_insert(PeerState { enterprise, addrs: Vec::new(), standing: 0, connected_ms: now_ms() });
                 st.addrs.push(addr);
                 if num_established.get() == 1 {
                     tracing::info!(%peer_id, "peer connected");
+                    if self.has_bootstrap && self.peers.len() == 1 {
+                        // First contact: look for the rest of the network.
+                        let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                    }
                     self.pending.events.push(Event::PeerConnected { peer_id: peer_id.to_string(), enterprise_id: enterprise.map(|e| e.to_string()) });
                     if let Some(e) = enterprise {
                         let outs = self.replica.peer_connected(e);

@@ -172,6 +172,14 @@ impl Store {
         Ok(self.settings.get(key.as_bytes())?.map(|v| v.to_vec()))
     }
 
+    /// Settings whose key starts with `prefix`.
+    pub fn settings_with_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.settings
+            .scan_prefix(prefix.as_bytes())
+            .map(|kv| kv.map(|(k, v)| (String::from_utf8_lossy(&k).to_string(), v.to_vec())).map_err(StoreError::from))
+            .collect()
+    }
+
     /// Every stored document.
     pub fn load_all(&self) -> Result<Vec<StoredDoc>, StoreError> {
         let mut out = Vec::new();

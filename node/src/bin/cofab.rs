@@ -48,6 +48,18 @@ enum Cmd {
         #[arg(long, default_value_t = 7801)]
         base_port: u16,
     },
+    /// Run the multi-node benchmark (real nodes on 127.0.0.1 in this process).
+    Bench {
+        /// Scenarios to run: any of a,b,c,d,e,f.
+        #[arg(long, default_value = "abcdef")]
+        scenarios: String,
+        /// Smaller sizes, for a quick look.
+        #[arg(long)]
+        quick: bool,
+        /// Also run the automerge-repo benchmark in this folder (`node bench.mjs`) and print both.
+        #[arg(long)]
+        automerge_repo: Option<PathBuf>,
+    },
     /// Node status.
     Status,
     /// Connected peers.
@@ -205,6 +217,7 @@ async fn main() {
         Cmd::Init { ref name } => init(&cli, name),
         Cmd::Run(ref args) => run(&cli, args).await,
         Cmd::Demo { for_secs, base_port } => run_demo(for_secs, base_port).await,
+        Cmd::Bench { ref scenarios, quick, ref automerge_repo } => run_bench(scenarios, quick, automerge_repo.clone(), cli.json).await,
         _ => client_cmd(cli).await,
     }
 }
@@ -294,6 +307,39 @@ async fn run_demo(for_secs: Option<u64>, base_port: u16) {
         let _ = n.task.await;
     }
     println!("demo stopped");
+}
+
+async fn run_bench(scenarios: &str, quick: bool, am_repo: Option<PathBuf>, json_out: bool) {
+    let results = cofab_node::bench::run(scenarios, quick).await;
+    let am = am_repo.map(|dir| {
+        let out = std::process::Command::new("node").arg("bench.mjs").current_dir(&dir).output();
+        match out {
+            Ok(o) => String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr),
+            Err(e) => format!("could not run node bench.mjs in {}: {e}", dir.display()),
+        }
+    });
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&json!({ "cofab": results, "automerge_repo": am })).unwrap_or_default());
+        return;
+    }
+    println!("{:<4} {}", "", "cofab (release build recommended: cargo run --release -- bench)");
+    for r in &results {
+        let mut parts = Vec::new();
+        for (k, v) in r.as_object().into_iter().flatten() {
+            if k == "scenario" {
+                continue;
+            }
+            let v = match v.as_f64() {
+                Some(f) if f.fract() != 0.0 => format!("{f:.3}"),
+                _ => v.to_string(),
+            };
+            parts.push(format!("{k}={v}"));
+        }
+        println!("({}) {}", r["scenario"].as_str().unwrap_or("?"), parts.join("  "));
+    }
+    if let Some(am) = am {
+        println!("\nautomerge-repo (same machine, same run):\n{am}");
+    }
 }
 
 fn client(cli: &Cli) -> Client {
@@ -498,7 +544,7 @@ async fn client_cmd(cli: Cli) {
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         },
-        Cmd::Init { .. } | Cmd::Run(_) | Cmd::Demo { .. } => unreachable!(),
+        Cmd::Init { .. } | Cmd::Run(_) | Cmd::Demo { .. } | Cmd::Bench { .. } => unreachable!(),
     }
 }
 

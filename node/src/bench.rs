@@ -1,0 +1,307 @@
+//! `cofab bench`: the multi-node benchmark. Starts real nodes (libp2p on
+//! 127.0.0.1, sled stores in temporary folders) in this process and runs the
+//! scenarios of the automerge-repo comparison:
+//! (a) one-change latency, (b) 1,000 documents to a fresh peer, (c) a large design's
+//! initial sync, (d) sustained acknowledged writes, (e) fan-out to many nodes, (f) memory.
+//! Owns: scenario set-up, timing and the report. Must not: assert anything (people judge).
+
+use std::time::{Duration, Instant};
+
+use cofab_protocol::document::Accepted;
+use cofab_protocol::model::{self, DesignInput, OrderInput, Splice};
+use cofab_protocol::{DocId, Keypair, Visibility};
+use serde_json::{json, Value};
+
+use crate::config::random_secret;
+use crate::node::{Event, Node, NodeConfig, NodeHandle};
+
+struct BenchNode {
+    node: Node,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_node(name: &str) -> BenchNode {
+    let dir = tempfile::Builder::new().prefix("cofab-bench-").tempdir().expect("tempdir");
+    let mut cfg = NodeConfig::new(Keypair::from_secret(random_secret()), name, dir.path().join("store"));
+    cfg.tick = Duration::from_millis(250);
+    let node = Node::start(cfg).await.expect("node starts");
+    BenchNode { node, _dir: dir }
+}
+
+async fn stop(nodes: Vec<BenchNode>) {
+    for n in &nodes {
+        n.node.handle.shutdown().await;
+    }
+    for n in nodes {
+        let _ = n.node.task.await;
+    }
+}
+
+async fn connect(a: &NodeHandle, b: &NodeHandle) {
+    let addr = b.listen_addrs().await.expect("addrs")[0].clone();
+    a.dial(addr).await.expect("dial");
+    let bid = b.info.peer_id.to_string();
+    for _ in 0..2000 {
+        let bid = bid.clone();
+        if a.read(move |c| c.peers.iter().any(|p| p.peer_id == bid)).await.unwrap_or(false) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    panic!("could not connect");
+}
+
+async fn changes_of(h: &NodeHandle, id: DocId) -> usize {
+    h.read(move |c| c.replica.doc(&id).map(|d| d.change_count()).unwrap_or(0)).await.unwrap_or(0)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// (a) one small change on A visible on B: p50/p99 over `n` changes, in ms.
+pub async fn latency(n: usize) -> Value {
+    let a = start_node("A").await;
+    let b = start_node("B").await;
+    connect(&a.node.handle, &b.node.handle).await;
+    let input = DesignInput { title: "latency".into(), ..Default::default() };
+    let id = a.node.handle.create(move |kp, now, nonce| model::create_design(kp, &input, now, nonce)).await.unwrap();
+    while changes_of(&b.node.handle, id).await < 1 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let mut rx = b.node.handle.subscribe();
+    let mut samples = Vec::with_capacity(n);
+    let ids = id.to_string();
+    for i in 0..n + 20 {
+        let t0 = Instant::now();
+        let s = Splice { pos: i, delete: 0, insert: "x".into() };
+        a.node.handle.edit(id, move |d, kp, now| model::splice_description(d, kp, now, &s)).await.unwrap();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+                Ok(Ok(Event::DocUpdated { doc, from: Some(_), .. })) if doc == ids => break,
+                Ok(Ok(_)) => continue,
+                Ok(Err(_)) => continue,
+                Err(_) => panic!("change {i} never arrived"),
+            }
+        }
+        if i >= 20 {
+            samples.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    samples.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    stop(vec![a, b]).await;
+    json!({ "scenario": "a", "changes": n, "p50_ms": percentile(&samples, 0.5), "p99_ms": percentile(&samples, 0.99) })
+}
+
+/// (b) `docs` documents of 10 changes each created on A; time until a fresh B holds all.
+pub async fn many_docs(docs: usize) -> Value {
+    let a = start_node("A").await;
+    let mut ids = Vec::new();
+    let t_create = Instant::now();
+    for i in 0..docs {
+        let input = OrderInput { title: format!("part {i}"), quantity: 10, visibility: Visibility::Public, ..Default::default() };
+        let id = a
+            .node
+            .handle
+            .create(move |kp, now, nonce| {
+                let (mut doc, mut acc) = model::create_order(kp, &input, now, nonce)?;
+                for j in 0..9 {
+                    let more = model::comment(&mut doc, kp, now, &format!("note {j}"))?;
+                    merge(&mut acc, more);
+                }
+                Ok((doc, acc))
+            })
+            .await
+            .unwrap();
+        ids.push(id);
+    }
+    let create_s = t_create.elapsed().as_secs_f64();
+    let rss_before = rss_mb();
+    let b = start_node("B").await;
+    let t0 = Instant::now();
+    connect(&b.node.handle, &a.node.handle).await;
+    loop {
+        let done = b.node.handle.read(|c| c.replica.docs().filter(|d| d.change_count() >= 10).count()).await.unwrap();
+        if done >= docs {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let rss_after = rss_mb();
+    stop(vec![a, b]).await;
+    json!({ "scenario": "b", "docs": docs, "changes_per_doc": 10, "sync_s": secs, "create_s": create_s, "rss_mb_process": rss_after, "rss_mb_delta_b": rss_after - rss_before })
+}
+
+fn merge(acc: &mut Accepted, more: Accepted) {
+    acc.changes.extend(more.changes);
+    acc.sigs.extend(more.sigs);
+}
+
+/// (c) a design typed `chars` characters, one change per character; initial sync to a fresh peer.
+pub async fn large_design(chars: usize) -> Value {
+    let a = start_node("A").await;
+    let t_build = Instant::now();
+    let id = a
+        .node
+        .handle
+        .create(move |kp, now, nonce| {
+            let (mut doc, mut acc) = model::create_design(kp, &DesignInput { title: "large".into(), ..Default::default() }, now, nonce)?;
+            for i in 0..chars {
+                let ch = (b'a' + (i % 26) as u8) as char;
+                let more = model::splice_description(&mut doc, kp, now, &Splice { pos: i, delete: 0, insert: ch.to_string() })?;
+                merge(&mut acc, more);
+            }
+            Ok((doc, acc))
+        })
+        .await
+        .unwrap();
+    let build_s = t_build.elapsed().as_secs_f64();
+    let rss_before = rss_mb();
+    let b = start_node("B").await;
+    let t0 = Instant::now();
+    connect(&b.node.handle, &a.node.handle).await;
+    while changes_of(&b.node.handle, id).await < chars + 1 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    // automerge's own load() of the same document, same process, for comparison.
+    let bytes = a.node.handle.read(move |c| c.replica.doc(&id).map(|d| d.save())).await.unwrap().unwrap();
+    let t1 = Instant::now();
+    let _ = automerge::Automerge::load(&bytes).unwrap();
+    let load_s = t1.elapsed().as_secs_f64();
+    let rss_after = rss_mb();
+    stop(vec![a, b]).await;
+    json!({ "scenario": "c", "chars": chars, "sync_ms": secs * 1e3, "automerge_load_ms": load_s * 1e3, "ratio_to_load": secs / load_s, "build_s": build_s, "rss_mb_delta_b": rss_after - rss_before })
+}
+
+/// (d) `n` small changes to one document through the HTTP API with `conc` concurrent
+/// clients; acknowledged writes per second, and time until the peer has them all.
+pub async fn sustained(n: usize, conc: usize) -> Value {
+    let a = start_node("A").await;
+    let b = start_node("B").await;
+    connect(&a.node.handle, &b.node.handle).await;
+    let token = "bench-token".to_string();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = crate::api::router(a.node.handle.clone(), token.clone());
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let input = DesignInput { title: "sustained".into(), ..Default::default() };
+    let id = a.node.handle.create(move |kp, now, nonce| model::create_design(kp, &input, now, nonce)).await.unwrap();
+    let client = reqwest::Client::new();
+    let url = format!("http://{addr}/api/v1/designs/{id}/text");
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..conc {
+        let client = client.clone();
+        let url = url.clone();
+        let token = token.clone();
+        let count = n / conc + usize::from(w < n % conc);
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..count {
+                let r = client.post(&url).bearer_auth(&token).json(&json!({ "pos": 0, "insert": "x" })).send().await.unwrap();
+                assert!(r.status().is_success());
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let ack_s = t0.elapsed().as_secs_f64();
+    while changes_of(&b.node.handle, id).await < n + 1 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let peer_s = t0.elapsed().as_secs_f64();
+    server.abort();
+    stop(vec![a, b]).await;
+    json!({ "scenario": "d", "changes": n, "clients": conc, "acked_per_s": n as f64 / ack_s, "peer_has_all_s": peer_s, "end_to_end_per_s": n as f64 / peer_s })
+}
+
+/// (e) one public order posted on one node reaching `nodes` nodes; p50/p99 over `rounds`.
+pub async fn fan_out(nodes: usize, rounds: usize) -> Value {
+    let mut all = Vec::new();
+    for i in 0..nodes {
+        all.push(start_node(&format!("n{i}")).await);
+    }
+    // Each node dials the next 3 (a ring with chords): a connected mesh, no full mesh.
+    for i in 0..nodes {
+        for k in 1..=3 {
+            let j = (i + k * k) % nodes;
+            if j != i {
+                let addr = all[j].node.handle.listen_addrs().await.unwrap()[0].clone();
+                let _ = all[i].node.handle.dial(addr).await;
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut samples = Vec::new();
+    for r in 0..rounds {
+        let input = OrderInput { title: format!("fan-out {r}"), quantity: 1, visibility: Visibility::Public, ..Default::default() };
+        let t0 = Instant::now();
+        let id = all[r % nodes].node.handle.create(move |kp, now, nonce| model::create_order(kp, &input, now, nonce)).await.unwrap();
+        for n in &all {
+            while changes_of(&n.node.handle, id).await < 1 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        samples.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    samples.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    stop(all).await;
+    json!({ "scenario": "e", "nodes": nodes, "rounds": rounds, "p50_ms": percentile(&samples, 0.5), "p99_ms": percentile(&samples, 0.99) })
+}
+
+/// (f) resident memory of this process holding `docs` small documents in one node.
+pub async fn memory(docs: usize) -> Value {
+    let before = rss_mb();
+    let a = start_node("A").await;
+    for i in 0..docs {
+        let input = OrderInput { title: format!("small {i}"), quantity: 1, visibility: Visibility::Public, ..Default::default() };
+        a.node.handle.create(move |kp, now, nonce| model::create_order(kp, &input, now, nonce)).await.unwrap();
+    }
+    let after = rss_mb();
+    stop(vec![a]).await;
+    json!({ "scenario": "f", "docs": docs, "rss_mb_process": after, "rss_mb_delta": after - before })
+}
+
+/// Runs the selected scenarios and returns their results.
+pub async fn run(scenarios: &str, quick: bool) -> Vec<Value> {
+    let mut out = Vec::new();
+    let has = |c: char| scenarios.contains(c);
+    if has('a') {
+        out.push(latency(if quick { 100 } else { 500 }).await);
+    }
+    if has('b') {
+        out.push(many_docs(if quick { 200 } else { 1000 }).await);
+    }
+    if has('c') {
+        out.push(large_design(if quick { 5_000 } else { 50_000 }).await);
+        if !quick {
+            out.push(large_design(100_000).await);
+        }
+    }
+    if has('d') {
+        out.push(sustained(if quick { 2_000 } else { 20_000 }, 32).await);
+    }
+    if has('e') {
+        out.push(fan_out(if quick { 10 } else { 50 }, if quick { 5 } else { 20 }).await);
+    }
+    if has('f') {
+        out.push(memory(if quick { 1_000 } else { 10_000 }).await);
+    }
+    out
+}

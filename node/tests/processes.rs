@@ -1,0 +1,197 @@
+//! Tests that run `cofab` as separate OS processes, as an operator would:
+//! crash safety under `kill -9`, and three nodes finding each other with `--bootstrap`.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cofab");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn init(dir: &Path, name: &str) {
+    let out = Command::new(BIN).args(["init", "--data-dir"]).arg(dir).args(["--name", name]).output().unwrap();
+    assert!(out.status.success(), "init failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn run(dir: &Path, p2p_port: u16, api_port: u16, bootstrap: Option<u16>) -> Child {
+    let mut c = Command::new(BIN);
+    c.args(["run", "--data-dir"]).arg(dir).args([
+        "--no-mdns",
+        "--listen",
+        &format!("/ip4/127.0.0.1/tcp/{p2p_port}"),
+        "--api",
+        &format!("127.0.0.1:{api_port}"),
+    ]);
+    if let Some(b) = bootstrap {
+        c.args(["--bootstrap", &format!("/ip4/127.0.0.1/tcp/{b}")]);
+    }
+    c.env("COFAB_LOG", "warn").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()
+}
+
+async fn wait_healthy(api: u16) {
+    let start = Instant::now();
+    loop {
+        if let Ok(r) = reqwest::get(format!("http://127.0.0.1:{api}/healthz")).await {
+            if r.status().is_success() {
+                return;
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "node on {api} did not come up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn token(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("api-token")).unwrap().trim().to_string()
+}
+
+async fn titles(api: u16, token: &str) -> Vec<String> {
+    let v: Value = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{api}/api/v1/orders"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v.as_array().unwrap().iter().map(|o| o["title"].as_str().unwrap().to_string()).collect()
+}
+
+/// Streams API writes, `kill -9`s the node at pseudo-random instants, restarts it and
+/// checks that every acknowledged write is still there. `COFAB_CRASH_CYCLES` raises the
+/// cycle count (default 20).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_loses_no_acknowledged_write() {
+    let cycles: u64 = std::env::var("COFAB_CRASH_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    let dir = tempfile::tempdir().unwrap();
+    init(dir.path(), "Crash Test GmbH");
+    let tok = token(dir.path());
+    let mut acked: Vec<String> = Vec::new();
+    let mut seed: u64 = 0x9e3779b97f4a7c15;
+    let mut total_attempts = 0u64;
+    for cycle in 0..cycles {
+        let api = free_port();
+        let mut child = run(dir.path(), free_port(), api, None);
+        wait_healthy(api).await;
+        // Everything acknowledged before this start must be present.
+        let have = titles(api, &tok).await;
+        for t in &acked {
+            assert!(have.contains(t), "cycle {cycle}: acknowledged write {t} lost (have {})", have.len());
+        }
+        // Stream writes from 4 concurrent writers; kill at a pseudo-random instant.
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let kill_after = Duration::from_millis(20 + seed % 200);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let mut writers = Vec::new();
+        for w in 0..4 {
+            let tx = tx.clone();
+            let tok = tok.clone();
+            writers.push(tokio::spawn(async move {
+                let client = reqwest::Client::new();
+                let mut n = 0;
+                let mut attempts = 0u64;
+                loop {
+                    let title = format!("c{cycle}-w{w}-{n}");
+                    n += 1;
+                    attempts += 1;
+                    let r = client
+                        .post(format!("http://127.0.0.1:{api}/api/v1/orders"))
+                        .bearer_auth(&tok)
+                        .json(&json!({ "title": title, "quantity": 1 }))
+                        .send()
+                        .await;
+                    match r {
+                        Ok(r) if r.status().as_u16() == 201 => {
+                            let _ = tx.send(title);
+                        }
+                        Ok(r) => panic!("unexpected status {}", r.status()),
+                        Err(_) => return attempts,
+                    }
+                }
+            }));
+        }
+        drop(tx);
+        tokio::time::sleep(kill_after).await;
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        for w in writers {
+            total_attempts += w.await.unwrap();
+        }
+        while let Ok(t) = rx.try_recv() {
+            acked.push(t);
+        }
+    }
+    // Final check after the last crash.
+    let api = free_port();
+    let mut child = run(dir.path(), free_port(), api, None);
+    wait_healthy(api).await;
+    let have = titles(api, &tok).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let lost: Vec<&String> = acked.iter().filter(|t| !have.contains(t)).collect();
+    println!("crash test: {cycles} kill -9 cycles, {total_attempts} writes attempted, {} acknowledged, {} lost", acked.len(), lost.len());
+    assert!(lost.is_empty(), "lost acknowledged writes: {lost:?}");
+    assert!(!acked.is_empty(), "no write was acknowledged: the test did not exercise anything");
+}
+
+/// Three `cofab run` processes with `--no-mdns` and `--bootstrap` find each other; an
+/// order posted on one is readable through the API on the other two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_processes_bootstrap_and_share_an_order() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    for (i, d) in dirs.iter().enumerate() {
+        init(d.path(), &format!("Company {i}"));
+    }
+    let p2p: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let api: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut children = vec![run(dirs[0].path(), p2p[0], api[0], None)];
+    wait_healthy(api[0]).await;
+    for i in 1..3 {
+        children.push(run(dirs[i].path(), p2p[i], api[i], Some(p2p[0])));
+    }
+    for a in &api {
+        wait_healthy(*a).await;
+    }
+    let toks: Vec<String> = dirs.iter().map(|d| token(d.path())).collect();
+    let client = reqwest::Client::new();
+    let body = json!({"title": "Bracket, anodised aluminium", "quantity": 500, "material": "AL6061-T6", "processes": ["cnc-milling"], "due_date": "2027-03-01", "visibility": "public"});
+    // wait until node 2 is connected to someone, then post on node 2 (not the bootstrap node)
+    let start = Instant::now();
+    loop {
+        let v: Value = client.get(format!("http://127.0.0.1:{}/api/v1/status", api[2])).bearer_auth(&toks[2]).send().await.unwrap().json().await.unwrap();
+        if v["connected_peers"].as_u64().unwrap() >= 1 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "node 2 never connected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = client.post(format!("http://127.0.0.1:{}/api/v1/orders", api[2])).bearer_auth(&toks[2]).json(&body).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let posted = Instant::now();
+    for i in 0..2 {
+        loop {
+            let r = client.get(format!("http://127.0.0.1:{}/api/v1/orders/{id}", api[i])).bearer_auth(&toks[i]).send().await.unwrap();
+            if r.status().is_success() {
+                let v: Value = r.json().await.unwrap();
+                assert_eq!(v["title"], "Bracket, anodised aluminium");
+                break;
+            }
+            assert!(posted.elapsed() < Duration::from_secs(20), "order did not reach node {i}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    println!("order visible on both other nodes after {:?}", posted.elapsed());
+    for mut c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
