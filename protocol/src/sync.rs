@@ -30,6 +30,9 @@ pub const SNAPSHOT_MIN_CHANGES: usize = 16;
 pub const MAX_SNAPSHOT_BYTES: usize = 8 * 1024 * 1024;
 /// Repeated "missing deps" replies tolerated before a session pauses until the next tick.
 const MAX_MISSING_DEPS: u32 = 3;
+/// Ticks in a row a peer may leave our hello unanswered before we stop greeting it until it
+/// speaks or reconnects (a member removed while away is ignored by every other member).
+const MAX_UNANSWERED_HELLOS: u32 = 16;
 
 /// An effect for the IO shell to carry out.
 #[derive(Debug, Clone)]
@@ -98,6 +101,8 @@ pub struct Session {
     pub declined: bool,
     /// Consecutive batches refused for missing deps.
     missing_deps: u32,
+    /// Hellos sent by `tick` since the peer last spoke about this document.
+    unanswered: u32,
     /// When we last heard from the peer about this document (caller's clock, ms).
     pub last_heard_ms: Option<i64>,
     /// The clock we last sent the peer.
@@ -285,6 +290,10 @@ impl Replica {
     /// `hello` forces a message (session start, tick).
     fn message_for(&mut self, peer: EnterpriseId, id: DocId, hello: bool) -> Option<Output> {
         let doc = self.docs.get(&id)?;
+        if doc.is_empty() && !doc.may_hold(&self.me.id()) {
+            // Offered to us by a member that added us after the genesis: wait for the content.
+            return None;
+        }
         if !doc.may_hold(&peer) {
             self.sessions.remove(&(peer, id));
             return None;
@@ -372,7 +381,9 @@ impl Replica {
             self.docs.insert(id, Document::new(sg));
         }
         let doc = self.docs.get_mut(&id).expect("present");
-        if !doc.may_hold(&from) {
+        // While we hold nothing we know only the genesis members, not members added
+        // since: judge the sender (and ourselves) once the document has content.
+        if !doc.is_empty() && !doc.may_hold(&from) {
             if new_genesis.is_some() {
                 self.docs.remove(&id);
             }
@@ -391,6 +402,7 @@ impl Replica {
             return out;
         }
         session.last_heard_ms = Some(now_ms);
+        session.unanswered = 0;
         let had_payload = !matches!(msg.payload, Payload::None);
         let result = match msg.payload {
             Payload::None => Ok(Accepted::default()),
@@ -424,7 +436,7 @@ impl Replica {
             }
         };
         // A members document we are not (or no longer) a member of is not kept.
-        if !doc.may_hold(&self.me.id()) {
+        if !doc.is_empty() && !doc.may_hold(&self.me.id()) {
             self.docs.remove(&id);
             self.sessions.retain(|(_, d), _| *d != id);
             return out;
@@ -439,6 +451,7 @@ impl Replica {
         }
         let ours = doc.clock();
         let session = self.sessions.get_mut(&(from, id)).expect("present");
+        let first_contact = session.confirmed.is_none();
         session.their_heads = msg.heads.clone();
         if session.missing_deps > 0 {
             // The peer's batch did not fit: resend from what it really holds.
@@ -450,7 +463,22 @@ impl Replica {
         let we_lack = !covers(&ours, &msg.clock);
         let they_know = session.sent_clock.as_ref() == Some(&ours);
         // Any payload is acknowledged (even if we already held it), so the sender's idea of our clock is corrected.
-        let must_reply = we_lack || ingested || had_payload || new_genesis.is_some() || session.missing_deps > 0 || !they_know;
+        // A message with the genesis means the peer does not know our clock (its session
+        // restarted, or our last reply was lost): answer it, or it says hello forever.
+        let peer_unsure = msg.genesis.is_some() && (!ours.is_empty() || first_contact);
+        let must_reply = we_lack || ingested || had_payload || new_genesis.is_some() || session.missing_deps > 0 || !they_know || peer_unsure;
+        if doc.is_empty() && (!doc.may_hold(&from) || !doc.may_hold(&self.me.id())) {
+            if !must_reply {
+                return out;
+            }
+            // A member added after the genesis offered the document: tell it we hold nothing
+            // (our empty clock reveals nothing) so it sends the content.
+            out.push(Output::Send {
+                to: from,
+                msg: SyncMessage { doc: id, genesis: None, clock: Clock::new(), heads: vec![], payload: Payload::None, decline: false },
+            });
+            return out;
+        }
         out.extend(self.message_for(from, id, must_reply));
         // Forward what we just gained to the other connected peers.
         if ingested {
@@ -477,7 +505,7 @@ impl Replica {
                 let heads = self.docs[id].heads();
                 let needs = match self.sessions.get_mut(&(p, *id)) {
                     None => true,
-                    Some(s) if s.failed || s.declined => false,
+                    Some(s) if s.failed || s.declined || s.unanswered >= MAX_UNANSWERED_HELLOS => false,
                     Some(s) => {
                         s.missing_deps = 0;
                         match &s.confirmed {
@@ -493,6 +521,9 @@ impl Replica {
                     }
                 };
                 if needs {
+                    if let Some(s) = self.sessions.get_mut(&(p, *id)) {
+                        s.unanswered += 1;
+                    }
                     out.extend(self.message_for(p, *id, true));
                 }
             }

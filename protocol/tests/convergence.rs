@@ -314,10 +314,27 @@ fn run_seed(seed: u64) -> Tally {
     let net = &mut run.net;
     if let Err(e) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| net.run_until_quiescent(MAX_STEPS))) {
         eprintln!("seed {seed}: rejections seen: {:?}", &net.rejections[..net.rejections.len().min(20)]);
+        dump(net, &run.docs);
         std::panic::resume_unwind(e);
     }
     check_converged(&run.net, &run.docs);
     run.tally
+}
+
+/// Prints who holds what, for diagnosing a failed seed.
+fn dump(net: &SimNetwork, docs: &[(DocId, Kind, usize)]) {
+    for &(id, kind, owner) in docs {
+        let reference = net.nodes[owner].replica.doc(&id);
+        eprintln!("doc {id} {kind:?} owner {owner} vis {:?}", reference.map(|d| d.genesis().visibility));
+        for (i, node) in net.nodes.iter().enumerate() {
+            let may = reference.map(|d| d.may_hold(&net.id(i)));
+            let held = node.replica.doc(&id);
+            let sessions: Vec<String> = (0..net.nodes.len())
+                .filter_map(|j| node.replica.session(&net.id(j), &id).map(|s| format!("{j}:{}{}{}", if s.failed { "F" } else { "" }, if s.declined { "D" } else { "" }, s.confirmed.as_ref().map(|c| format!("{:?}", c.values().collect::<Vec<_>>())).unwrap_or("?".into()))))
+                .collect();
+            eprintln!("  node {i} up {} may {may:?} holds {:?} roleview {:?} sessions {sessions:?}", node.up, held.map(|d| d.clock().values().copied().collect::<Vec<_>>()), held.map(|d| d.may_hold(&net.id(i))));
+        }
+    }
 }
 
 /// Every node that may hold a document (judged by its owner's copy, which is never lost)
