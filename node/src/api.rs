@@ -555,7 +555,7 @@ async fn metrics(State(st): State<AppState>) -> Result<impl IntoResponse, ApiErr
             line("cofab_frames_in_total", "Sync frames received.", "counter", format!("cofab_frames_in_total {}\n", m.frames_in.load(Ordering::Relaxed)));
             line("cofab_frames_out_total", "Sync frames sent.", "counter", format!("cofab_frames_out_total {}\n", m.frames_out.load(Ordering::Relaxed)));
             line("cofab_store_commits_total", "Durable group commits.", "counter", format!("cofab_store_commits_total {}\n", m.commits.load(Ordering::Relaxed)));
-            line("cofab_store_bytes", "Store size on disk.", "gauge", format!("cofab_store_bytes {}\n", c.store_bytes));
+            line("cofab_store_bytes", "Store size on disk.", "gauge", format!("cofab_store_bytes {}\n", c.store.size_on_disk()));
             let mut h = String::new();
             for (i, b) in RTT_BUCKETS_US.iter().enumerate() {
                 let le = if *b == u64::MAX { "+Inf".to_string() } else { format!("{}", *b as f64 / 1e6) };

@@ -198,7 +198,7 @@ pub async fn sustained(n: usize, conc: usize) -> Value {
     let addr = listener.local_addr().unwrap();
     let app = crate::api::router(a.node.handle.clone(), token.clone());
     let server = tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
+        let _ = axum::serve(axum::serve::ListenerExt::tap_io(listener, |tcp| { let _ = tcp.set_nodelay(true); }), app).await;
     });
     let input = DesignInput { title: "sustained".into(), ..Default::default() };
     let id = a.node.handle.create(move |kp, now, nonce| model::create_design(kp, &input, now, nonce)).await.unwrap();

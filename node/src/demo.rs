@@ -59,7 +59,7 @@ pub async fn start(base_port: u16) -> Result<Vec<DemoNode>, String> {
         let api = listener.local_addr().map_err(|e| e.to_string())?;
         let app = crate::api::router(node.handle.clone(), token.clone());
         tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
+            let _ = axum::serve(axum::serve::ListenerExt::tap_io(listener, |tcp| { let _ = tcp.set_nodelay(true); }), app).await;
         });
         nodes.push(DemoNode { name: name.to_string(), role, handle: node.handle, api, token, task: node.task, dir });
     }

@@ -24,7 +24,7 @@ use libp2p::{gossipsub, identify, kad, mdns, request_response, Multiaddr, PeerId
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::network::{self, Behaviour, BehaviourEvent};
-use crate::store::{Store, StoreError, Write};
+use crate::store::{Store, Write};
 
 /// Capacity of the command channel.
 pub const COMMAND_QUEUE: usize = 1024;
@@ -207,8 +207,8 @@ pub struct ReadCtx<'a> {
     pub peers: Vec<PeerInfo>,
     /// Rejections by reason (decode errors, rule violations, ...).
     pub rejected: &'a BTreeMap<String, u64>,
-    /// Store size in bytes.
-    pub store_bytes: u64,
+    /// The store (size_on_disk is not free: call it only where needed).
+    pub store: &'a Store,
 }
 
 type ReadFn = Box<dyn FnOnce(&ReadCtx<'_>) + Send>;
@@ -379,7 +379,21 @@ impl Node {
         let info = Arc::new(NodeInfo { peer_id: *swarm.local_peer_id(), enterprise_id: config.key.id(), name: config.name.clone() });
         let metrics = Arc::new(Metrics::default());
         let handle = NodeHandle { tx, events: events.clone(), info, metrics: metrics.clone() };
+        let (store_tx, store_rx) = std::sync::mpsc::channel();
+        let (done_tx, store_done) = mpsc::unbounded_channel();
+        let store_thread_handle = {
+            let store = store.clone();
+            std::thread::Builder::new()
+                .name("cofab-store".into())
+                .spawn(move || store_thread(store, store_rx, done_tx))
+                .map_err(|e| NodeError::Start(e.to_string()))?
+        };
         let el = EventLoop {
+            store_tx: Some(store_tx),
+            store_thread: Some(store_thread_handle),
+            store_done,
+            awaiting: Default::default(),
+            next_batch: 0,
             swarm,
             replica,
             store,
@@ -435,6 +449,32 @@ struct EventLoop {
     topic: gossipsub::IdentTopic,
     tick: Duration,
     has_bootstrap: bool,
+    /// Groups of writes to the store thread: (batch id, writes).
+    store_tx: Option<std::sync::mpsc::Sender<(u64, Vec<Write>)>>,
+    /// The store thread, joined at shutdown so the sled lock is released.
+    store_thread: Option<std::thread::JoinHandle<()>>,
+    /// Completions from the store thread: (highest durable batch id, result).
+    store_done: mpsc::UnboundedReceiver<(u64, Result<(), String>)>,
+    /// Effects waiting for their batch (None: no writes of its own) to be durable, in order.
+    awaiting: std::collections::VecDeque<(Option<u64>, Pending)>,
+    next_batch: u64,
+}
+
+/// The store thread: takes every group queued while the previous commit ran and makes
+/// them durable with one flush + fdatasync (group commit), then reports the highest id.
+fn store_thread(store: Arc<Store>, rx: std::sync::mpsc::Receiver<(u64, Vec<Write>)>, done: mpsc::UnboundedSender<(u64, Result<(), String>)>) {
+    while let Ok((mut last, mut writes)) = rx.recv() {
+        while let Ok((id, more)) = rx.try_recv() {
+            last = id;
+            writes.extend(more);
+        }
+        let t = Instant::now();
+        let r = store.apply(&writes).map_err(|e| e.to_string());
+        tracing::debug!(writes = writes.len(), batches_to = last, us = t.elapsed().as_micros() as u64, "group commit");
+        if done.send((last, r)).is_err() {
+            return;
+        }
+    }
 }
 
 impl EventLoop {
@@ -456,21 +496,26 @@ impl EventLoop {
                             Err(_) => break,
                         }
                     }
-                    self.commit().await;
+                    self.commit();
                     if let Some(reply) = stop {
                         self.shutdown().await;
                         let _ = reply.send(());
                         return;
                     }
                 }
+                done = self.store_done.recv() => {
+                    if let Some((id, r)) = done {
+                        self.durable(id, r);
+                    }
+                }
                 ev = self.swarm.select_next_some() => {
                     self.swarm_event(ev);
-                    self.commit().await;
+                    self.commit();
                 }
                 _ = tick.tick() => {
                     let outs = self.replica.tick();
                     self.outputs(outs, None);
-                    self.commit().await;
+                    self.commit();
                 }
                 _ = kad_tick.tick() => {
                     if self.has_bootstrap {
@@ -483,8 +528,20 @@ impl EventLoop {
     }
 
     async fn shutdown(&mut self) {
+        // Let every queued group become durable and be acknowledged.
+        while !self.awaiting.is_empty() {
+            match self.store_done.recv().await {
+                Some((id, r)) => self.durable(id, r),
+                None => break,
+            }
+        }
         let store = self.store.clone();
         let _ = tokio::task::spawn_blocking(move || store.sync()).await;
+        // Stop the store thread and wait for it, so the store is closed when the task ends.
+        self.store_tx = None;
+        if let Some(t) = self.store_thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
         let peers: Vec<PeerId> = self.peers.keys().copied().collect();
         for p in peers {
             let _ = self.swarm.disconnect_peer_id(p);
@@ -502,7 +559,7 @@ impl EventLoop {
                     listen_addrs: &self.listen_addrs,
                     peers,
                     rejected: &self.rejected,
-                    store_bytes: self.store.size_on_disk(),
+                    store: &self.store,
                 };
                 f(&ctx);
             }
@@ -765,8 +822,10 @@ impl EventLoop {
         }
     }
 
-    /// Makes pending writes durable, then acknowledges callers, sends and publishes.
-    async fn commit(&mut self) {
+    /// Hands pending writes to the store thread. What depends on them (replies to
+    /// callers, messages to peers, events) waits in FIFO order until the store
+    /// reports them durable, while the loop goes on gathering the next group.
+    fn commit(&mut self) {
         let mut pending = std::mem::take(&mut self.pending);
         // Compaction of documents with many incremental changes.
         let heavy: Vec<DocId> = self.incremental.iter().filter(|(_, n)| **n > COMPACT_AFTER).map(|(d, _)| *d).collect();
@@ -776,22 +835,46 @@ impl EventLoop {
             }
             self.incremental.insert(d, 0);
         }
-        let result = if pending.writes.is_empty() {
-            Ok(())
+        let writes = std::mem::take(&mut pending.writes);
+        if writes.is_empty() && self.awaiting.is_empty() {
+            self.release(pending, Ok(()));
+            return;
+        }
+        let id = if writes.is_empty() {
+            None
         } else {
-            let store = self.store.clone();
-            let writes = std::mem::take(&mut pending.writes);
-            self.metrics.commits.fetch_add(1, Ordering::Relaxed);
-            match tokio::task::spawn_blocking(move || store.apply(&writes)).await {
-                Ok(r) => r,
-                Err(e) => Err(StoreError::Corrupt(format!("store task: {e}"))),
+            self.next_batch += 1;
+            let id = self.next_batch;
+            if self.store_tx.as_ref().is_none_or(|tx| tx.send((id, writes)).is_err()) {
+                self.release(pending, Err("store thread stopped".into()));
+                return;
             }
+            Some(id)
         };
+        self.awaiting.push_back((id, pending));
+    }
+
+    /// The store made every batch up to `done` durable (or failed it).
+    fn durable(&mut self, done: u64, result: Result<(), String>) {
+        self.metrics.commits.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = &result {
             tracing::error!("store commit failed: {e}");
+        }
+        while let Some((id, _)) = self.awaiting.front() {
+            if id.is_some_and(|id| id > done) {
+                break;
+            }
+            let (_, p) = self.awaiting.pop_front().expect("front exists");
+            self.release(p, result.clone());
+        }
+    }
+
+    /// Acknowledges callers, sends and publishes what a durable batch allowed.
+    fn release(&mut self, pending: Pending, result: Result<(), String>) {
+        if let Err(e) = result {
             // Nothing that was not stored may leave this node.
             for r in pending.replies {
-                r(Err(NodeError::Store(e.to_string())));
+                r(Err(NodeError::Store(e.clone())));
             }
             return;
         }
@@ -802,10 +885,10 @@ impl EventLoop {
             self.send_frames(to, msgs);
         }
         if !pending.announce.is_empty() {
-            pending.announce.sort();
-            pending.announce.dedup();
-            let items: Vec<Announcement> = pending
-                .announce
+            let mut ann = pending.announce;
+            ann.sort();
+            ann.dedup();
+            let items: Vec<Announcement> = ann
                 .iter()
                 .filter_map(|d| self.replica.doc(d))
                 .map(|d| Announcement { doc: d.id(), kind: d.genesis().kind, owner: d.genesis().owner, changes: d.change_count() as u64 })

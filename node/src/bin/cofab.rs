@@ -277,7 +277,7 @@ async fn run(cli: &Cli, args: &RunArgs) {
     }
     println!("api and console on http://{}", listener.local_addr().map(|a| a.to_string()).unwrap_or(api_addr));
     let app = api::router(h.clone(), token);
-    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
+    let server = axum::serve(axum::serve::ListenerExt::tap_io(listener, |tcp| { let _ = tcp.set_nodelay(true); }), app).with_graceful_shutdown(shutdown_signal());
     if let Err(e) = server.await {
         eprintln!("api server: {e}");
     }
