@@ -76,6 +76,52 @@ impl std::fmt::Debug for Document {
     }
 }
 
+/// What verification needs to know about a change: implemented for full changes and
+/// for automerge's change metadata (which a snapshot yields without rebuilding ops).
+trait ChangeInfo {
+    fn actor_bytes(&self) -> &[u8];
+    fn seq(&self) -> u64;
+    fn hash(&self) -> ChangeHash;
+    fn deps(&self) -> &[ChangeHash];
+    fn message(&self) -> Option<&str>;
+}
+
+impl ChangeInfo for Change {
+    fn actor_bytes(&self) -> &[u8] {
+        self.actor_id().to_bytes()
+    }
+    fn seq(&self) -> u64 {
+        Change::seq(self)
+    }
+    fn hash(&self) -> ChangeHash {
+        Change::hash(self)
+    }
+    fn deps(&self) -> &[ChangeHash] {
+        Change::deps(self)
+    }
+    fn message(&self) -> Option<&str> {
+        Change::message(self).map(|m| m.as_ref())
+    }
+}
+
+impl ChangeInfo for automerge::ChangeMetadata<'_> {
+    fn actor_bytes(&self) -> &[u8] {
+        self.actor.to_bytes()
+    }
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+    fn hash(&self) -> ChangeHash {
+        self.hash
+    }
+    fn deps(&self) -> &[ChangeHash] {
+        &self.deps
+    }
+    fn message(&self) -> Option<&str> {
+        self.message.as_deref()
+    }
+}
+
 fn sig_ok(author: &EnterpriseId, doc: &DocId, hash: &ChangeHash, sig: &[u8; 64]) -> bool {
     author.verify_change(doc, hash, &Signature::from_bytes(sig))
 }
@@ -264,68 +310,88 @@ impl Document {
             rules::check_change(&scratch, self.genesis.genesis(), c)?;
         }
         self.doc = scratch;
-        Ok(self.commit_verified(&sorted, verified, None))
+        let order = sorted.iter().map(|c| (EnterpriseId::from_slice(c.actor_id().to_bytes()).expect("checked"), c.hash())).collect();
+        let raw = sorted.iter().map(|c| c.raw_bytes().to_vec()).collect();
+        Ok(self.commit_verified(order, raw, verified, None))
     }
 
     /// Verifies and adopts a whole-document snapshot (sent when we held nothing).
+    ///
+    /// Verification reads automerge's change metadata (actor, seq, deps, hash) instead
+    /// of rebuilding every change, and decodes a change's operations only where a rule
+    /// needs them, so this costs little more than `Automerge::load`.
     pub fn ingest_snapshot(&mut self, bytes: &[u8], sigs: Vec<(ChangeHash, [u8; 64])>) -> Result<Accepted, IngestError> {
         let scratch = catch(|| Automerge::load(bytes))
             .map_err(IngestError::Snapshot)?
             .map_err(|e| IngestError::Snapshot(e.to_string()))?;
-        let all = scratch.get_changes(&[]);
-        if all.len() > MAX_CHANGES_PER_BATCH {
-            return Err(IngestError::TooLarge(format!("{} changes", all.len())));
-        }
         if !self.is_empty() {
             // We gained changes meanwhile: fall back to the change path.
+            let all = scratch.get_changes(&[]);
             let batch = ChangeBatch { changes: all.iter().map(|c| c.raw_bytes().to_vec()).collect(), sigs };
             return self.ingest(batch);
         }
+        let metas = scratch.get_changes_meta(&[]);
+        if metas.len() > MAX_CHANGES_PER_BATCH {
+            return Err(IngestError::TooLarge(format!("{} changes", metas.len())));
+        }
         let sigs: HashMap<ChangeHash, [u8; 64]> = sigs.into_iter().collect();
-        let (sorted, verified) = self.verify_fresh(all, &sigs, false)?;
+        let (sorted, verified) = self.verify_fresh(metas, &sigs, false)?;
         if !scratch.get_missing_deps(&[]).is_empty() {
             return Err(IngestError::Snapshot("snapshot has missing deps".into()));
         }
-        for c in &sorted {
-            rules::check_change(&scratch, self.genesis.genesis(), c)?;
+        let g = self.genesis.genesis();
+        for m in &sorted {
+            let author = EnterpriseId::from_slice(m.actor_bytes()).expect("checked");
+            match rules::check_without_ops(g, &author, m.deps().is_empty()) {
+                Some(r) => r?,
+                None => {
+                    let c = scratch
+                        .get_change_by_hash(&m.hash())
+                        .ok_or_else(|| IngestError::Snapshot("change listed but not found".into()))?;
+                    rules::check_change(&scratch, g, &c)?;
+                }
+            }
         }
+        let order: Vec<(EnterpriseId, ChangeHash)> =
+            sorted.iter().map(|m| (EnterpriseId::from_slice(m.actor_bytes()).expect("checked"), m.hash())).collect();
+        drop(sorted);
         self.doc = scratch;
-        Ok(self.commit_verified(&sorted, verified, Some(bytes.to_vec())))
+        Ok(self.commit_verified(order, Vec::new(), verified, Some(bytes.to_vec())))
     }
 
     fn commit_verified(
         &mut self,
-        sorted: &[Change],
+        order: Vec<(EnterpriseId, ChangeHash)>,
+        raw: Vec<Vec<u8>>,
         verified: Vec<(ChangeHash, [u8; 64])>,
         snapshot: Option<Vec<u8>>,
     ) -> Accepted {
-        for c in sorted {
-            let a = EnterpriseId::from_slice(c.actor_id().to_bytes()).expect("checked");
-            self.chains.entry(a).or_default().push(c.hash());
+        for (a, h) in order {
+            self.chains.entry(a).or_default().push(h);
         }
         for (h, s) in &verified {
             self.sigs.insert(*h, *s);
         }
-        let changes = if snapshot.is_some() { Vec::new() } else { sorted.iter().map(|c| c.raw_bytes().to_vec()).collect() };
-        Accepted { changes, sigs: verified, snapshot }
+        Accepted { changes: raw, sigs: verified, snapshot }
     }
 
     /// Binding, replay, chain and signature checks; returns the changes in causal order
     /// and the verified signatures worth keeping.
-    fn verify_fresh(
+    #[allow(clippy::type_complexity)]
+    fn verify_fresh<C: ChangeInfo>(
         &self,
-        fresh: Vec<Change>,
+        fresh: Vec<C>,
         sigs: &HashMap<ChangeHash, [u8; 64]>,
         check_deps: bool,
-    ) -> Result<(Vec<Change>, Vec<(ChangeHash, [u8; 64])>), IngestError> {
+    ) -> Result<(Vec<C>, Vec<(ChangeHash, [u8; 64])>), IngestError> {
         let doc_str = self.id().to_string();
         let mut by_author: BTreeMap<EnterpriseId, Vec<usize>> = BTreeMap::new();
         for (i, c) in fresh.iter().enumerate() {
-            let a = EnterpriseId::from_slice(c.actor_id().to_bytes())
+            let a = EnterpriseId::from_slice(c.actor_bytes())
                 .ok()
                 .filter(|a| a.verifying_key().is_some())
-                .ok_or_else(|| IngestError::UnboundActor(c.actor_id().to_hex_string()))?;
-            if c.message().map(|m| m.as_ref()) != Some(doc_str.as_str()) {
+                .ok_or_else(|| IngestError::UnboundActor(c.actor_bytes().iter().map(|b| format!("{b:02x}")).collect()))?;
+            if c.message() != Some(doc_str.as_str()) {
                 return Err(IngestError::WrongDocument { hash: c.hash().to_string() });
             }
             by_author.entry(a).or_default().push(i);
@@ -486,7 +552,7 @@ fn verify_sigs(doc: &DocId, items: &[(EnterpriseId, ChangeHash, [u8; 64])]) -> R
 }
 
 /// Orders changes so that every change follows its deps (ties broken by hash: deterministic).
-fn topo_sort(changes: Vec<Change>) -> Vec<Change> {
+fn topo_sort<C: ChangeInfo>(changes: Vec<C>) -> Vec<C> {
     let index: HashMap<ChangeHash, usize> = changes.iter().enumerate().map(|(i, c)| (c.hash(), i)).collect();
     let mut indegree = vec![0usize; changes.len()];
     let mut children: Vec<Vec<usize>> = vec![Vec::new(); changes.len()];
@@ -511,7 +577,7 @@ fn topo_sort(changes: Vec<Change>) -> Vec<Change> {
             }
         }
     }
-    let mut slots: Vec<Option<Change>> = changes.into_iter().map(Some).collect();
+    let mut slots: Vec<Option<C>> = changes.into_iter().map(Some).collect();
     order.into_iter().filter_map(|i| slots[i].take()).collect()
 }
 

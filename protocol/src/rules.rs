@@ -151,6 +151,21 @@ impl Ctx<'_> {
     }
 }
 
+/// The decisions that need no op decoding (they keep a 100k-change design sync cheap):
+/// `Some(result)` when the author and kind alone decide, `None` when the ops must be read.
+pub fn check_without_ops(genesis: &Genesis, author: &EnterpriseId, is_init: bool) -> Option<Result<(), RuleViolation>> {
+    let v = |rule| Err(RuleViolation { rule, path: String::new(), author: *author });
+    if is_init && *author != genesis.owner {
+        return Some(v(Rule::InitByOwnerOnly));
+    }
+    match genesis.kind {
+        Kind::Capacity if *author == genesis.owner => Some(Ok(())),
+        Kind::Capacity => Some(v(Rule::CapacityOwnerOnly)),
+        Kind::Design if *author == genesis.owner => Some(Ok(())),
+        _ => None,
+    }
+}
+
 /// Checks one change (already applied to `doc`) against the rules of its document.
 pub fn check_change(doc: &Automerge, genesis: &Genesis, change: &Change) -> Result<(), RuleViolation> {
     let author = EnterpriseId::from_slice(change.actor_id().to_bytes()).map_err(|_| RuleViolation {
@@ -159,20 +174,8 @@ pub fn check_change(doc: &Automerge, genesis: &Genesis, change: &Change) -> Resu
         author: EnterpriseId([0; 32]),
     })?;
     let ctx = Ctx { doc, genesis, author, deps: change.deps() };
-    if ctx.is_init() && author != genesis.owner {
-        return Err(ctx.violation(Rule::InitByOwnerOnly, &[]));
-    }
-    // Fast paths that need no op decoding: they keep a 100k-change design sync cheap.
-    match genesis.kind {
-        Kind::Capacity => {
-            return if author == genesis.owner {
-                Ok(())
-            } else {
-                Err(ctx.violation(Rule::CapacityOwnerOnly, &[]))
-            }
-        }
-        Kind::Design if author == genesis.owner => return Ok(()),
-        _ => {}
+    if let Some(r) = check_without_ops(genesis, &author, ctx.is_init()) {
+        return r;
     }
     let role = role_at(doc, genesis, &author, ctx.deps);
     if genesis.visibility == Visibility::Members && role.is_none() {
