@@ -36,6 +36,10 @@ pub const MAX_COMMANDS_PER_COMMIT: usize = 1024;
 pub const COMPACT_AFTER: usize = 4096;
 /// Standing below which a peer is disconnected and banned.
 pub const BAN_STANDING: i64 = -20;
+/// Unanswered sync frames per peer (each is a yamux stream; yamux caps streams).
+pub const MAX_INFLIGHT_PER_PEER: usize = 32;
+/// Messages queued for one peer beyond which the oldest are shed (sync repairs itself).
+pub const MAX_QUEUED_PER_PEER: usize = 100_000;
 /// Target size of one outgoing frame.
 const FRAME_BUDGET: usize = 4 * 1024 * 1024;
 
@@ -221,6 +225,7 @@ enum Command {
     Edit { doc: DocId, f: EditFn, reply: oneshot::Sender<Result<(), NodeError>> },
     Create { f: CreateFn, reply: oneshot::Sender<Result<DocId, NodeError>> },
     Dial { addr: Multiaddr, reply: oneshot::Sender<Result<(), NodeError>> },
+    Block { peer: PeerId, block: bool, reply: oneshot::Sender<()> },
     Shutdown { reply: oneshot::Sender<()> },
 }
 
@@ -406,6 +411,7 @@ impl Node {
             rejected: BTreeMap::new(),
             pending: Pending::default(),
             inflight: HashMap::new(),
+            outbox: HashMap::new(),
             incremental,
             topic,
             tick: config.tick,
@@ -414,6 +420,13 @@ impl Node {
         let task = tokio::spawn(el.run());
         Ok(Node { handle, task })
     }
+}
+
+/// Messages waiting for a peer, and frames to it not yet answered.
+#[derive(Default)]
+struct Outbox {
+    msgs: std::collections::VecDeque<SyncMessage>,
+    inflight: usize,
 }
 
 struct PeerState {
@@ -444,7 +457,8 @@ struct EventLoop {
     banned: HashSet<PeerId>,
     rejected: BTreeMap<String, u64>,
     pending: Pending,
-    inflight: HashMap<request_response::OutboundRequestId, Instant>,
+    inflight: HashMap<request_response::OutboundRequestId, (Instant, PeerId)>,
+    outbox: HashMap<PeerId, Outbox>,
     incremental: HashMap<DocId, usize>,
     topic: gossipsub::IdentTopic,
     tick: Duration,
@@ -606,6 +620,10 @@ impl EventLoop {
                 let r = self.swarm.dial(addr).map_err(|e| NodeError::Network(e.to_string()));
                 let _ = reply.send(r);
             }
+            Command::Block { peer, block, reply } => {
+                self.set_blocked(peer, block);
+                let _ = reply.send(());
+            }
             Command::Shutdown { reply } => return Some(reply),
         }
         None
@@ -710,6 +728,7 @@ impl EventLoop {
                 if num_established == 0 {
                     tracing::info!(%peer_id, "peer disconnected");
                     self.peers.remove(&peer_id);
+                    self.outbox.remove(&peer_id);
                     if let Some(e) = network::enterprise_of(&peer_id) {
                         self.replica.peer_disconnected(&e);
                     }
@@ -774,13 +793,13 @@ impl EventLoop {
                     }
                 }
                 request_response::Message::Response { request_id, .. } => {
-                    if let Some(t) = self.inflight.remove(&request_id) {
+                    if let Some(t) = self.frame_done(&request_id) {
                         self.metrics.observe_rtt(t.elapsed().as_micros() as u64);
                     }
                 }
             },
             request_response::Event::OutboundFailure { request_id, peer, error, .. } => {
-                self.inflight.remove(&request_id);
+                self.frame_done(&request_id);
                 tracing::debug!(%peer, %error, "sync send failed");
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
@@ -902,33 +921,60 @@ impl EventLoop {
         }
     }
 
+    /// Queues messages for a peer; [`Self::pump`] sends them as frames.
     fn send_frames(&mut self, to: EnterpriseId, msgs: Vec<SyncMessage>) {
         let peer = network::peer_id_of(&to);
-        let mut batch: Vec<SyncMessage> = Vec::new();
-        let mut size = 0;
-        let mut frames = Vec::new();
-        for m in msgs {
-            let est = estimate(&m);
-            if !batch.is_empty() && (size + est > FRAME_BUDGET || batch.len() >= cofab_protocol::wire::MAX_MESSAGES_PER_FRAME) {
-                frames.push(Frame::Sync(std::mem::take(&mut batch)).encode());
-                size = 0;
+        let q = self.outbox.entry(peer).or_default();
+        q.msgs.extend(msgs);
+        // Sync repairs itself (the tick re-offers), so shedding the oldest messages of a
+        // peer that does not keep up is safe and bounds memory.
+        while q.msgs.len() > MAX_QUEUED_PER_PEER {
+            q.msgs.pop_front();
+        }
+        self.pump(peer);
+    }
+
+    /// Sends queued messages to `peer` while fewer than [`MAX_INFLIGHT_PER_PEER`] frames
+    /// are unanswered. Messages that queue up meanwhile travel together in bigger frames
+    /// (and never exceed yamux's stream limit).
+    fn pump(&mut self, peer: PeerId) {
+        loop {
+            let Some(q) = self.outbox.get_mut(&peer) else { return };
+            if q.inflight >= MAX_INFLIGHT_PER_PEER || q.msgs.is_empty() {
+                return;
             }
-            size += est;
-            batch.push(m);
-        }
-        if !batch.is_empty() {
-            frames.push(Frame::Sync(batch).encode());
-        }
-        for f in frames {
+            let mut batch = Vec::new();
+            let mut size = 0;
+            while let Some(m) = q.msgs.front() {
+                let est = estimate(m);
+                if !batch.is_empty() && (size + est > FRAME_BUDGET || batch.len() >= cofab_protocol::wire::MAX_MESSAGES_PER_FRAME) {
+                    break;
+                }
+                size += est;
+                batch.push(q.msgs.pop_front().expect("front exists"));
+            }
+            q.inflight += 1;
+            let f = Frame::Sync(batch).encode();
             if f.len() > MAX_FRAME_BYTES {
                 tracing::error!(len = f.len(), "frame over the limit not sent");
+                q.inflight -= 1;
                 continue;
             }
             self.metrics.frames_out.fetch_add(1, Ordering::Relaxed);
             self.metrics.bytes_out.fetch_add(f.len() as u64, Ordering::Relaxed);
             let id = self.swarm.behaviour_mut().sync.send_request(&peer, f);
-            self.inflight.insert(id, Instant::now());
+            self.inflight.insert(id, (Instant::now(), peer));
         }
+    }
+
+    /// A frame to `peer` was answered or failed: make room and send more.
+    fn frame_done(&mut self, id: &request_response::OutboundRequestId) -> Option<Instant> {
+        let (t, peer) = self.inflight.remove(id)?;
+        if let Some(q) = self.outbox.get_mut(&peer) {
+            q.inflight = q.inflight.saturating_sub(1);
+        }
+        self.pump(peer);
+        Some(t)
     }
 }
 
@@ -940,4 +986,39 @@ fn estimate(m: &SyncMessage) -> usize {
         Payload::Snapshot { bytes, sigs } => bytes.len() + sigs.len() * 96,
     };
     p + 64 + m.clock.len() * 40 + m.heads.len() * 32 + m.genesis.as_ref().map(|g| g.0.len() + 64).unwrap_or(0)
+}
+
+// ---------- blocking peers (operator/test control) ----------
+//
+// `block` puts a peer in the same set as peers banned for low standing: its
+// connections are closed now and refused when established later. `unblock` takes it
+// out again (and so also lifts a ban for low standing); the peer is not redialled.
+
+impl NodeHandle {
+    /// Disconnects `peer` and refuses its connections until [`NodeHandle::unblock`].
+    pub async fn block(&self, peer: PeerId) -> Result<(), NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Command::Block { peer, block: true, reply: tx }).await.map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// Accepts connections of `peer` again (it is not dialled: connect explicitly or let discovery do it).
+    pub async fn unblock(&self, peer: PeerId) -> Result<(), NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Command::Block { peer, block: false, reply: tx }).await.map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+}
+
+impl EventLoop {
+    fn set_blocked(&mut self, peer: PeerId, block: bool) {
+        if block {
+            tracing::info!(%peer, "peer blocked");
+            self.banned.insert(peer);
+            let _ = self.swarm.disconnect_peer_id(peer);
+        } else {
+            tracing::info!(%peer, "peer unblocked");
+            self.banned.remove(&peer);
+        }
+    }
 }

@@ -312,7 +312,11 @@ async fn run_demo(for_secs: Option<u64>, base_port: u16) {
 async fn run_bench(scenarios: &str, quick: bool, am_repo: Option<PathBuf>, json_out: bool) {
     let results = cofab_node::bench::run(scenarios, quick).await;
     let am = am_repo.map(|dir| {
-        let out = std::process::Command::new("node").arg("bench.mjs").current_dir(&dir).output();
+        let mut args = vec!["bench.mjs", "--runs", "1", "--out", "amrepo-results.json"];
+        if quick {
+            args.push("--quick");
+        }
+        let out = std::process::Command::new("node").args(&args).current_dir(&dir).output();
         match out {
             Ok(o) => String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr),
             Err(e) => format!("could not run node bench.mjs in {}: {e}", dir.display()),
