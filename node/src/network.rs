@@ -50,16 +50,15 @@ pub struct Behaviour {
 #[derive(Clone, Default)]
 pub struct SyncCodec;
 
-async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<Vec<u8>> {
-    let mut len = [0u8; 4];
-    io.read_exact(&mut len).await?;
-    let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_FRAME_BYTES {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("frame of {len} bytes exceeds {MAX_FRAME_BYTES}")));
-    }
-    let mut buf = vec![0u8; len];
-    io.read_exact(&mut buf).await?;
-    Ok(buf)
+/// A sync request as read from a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyncRequest {
+    /// A frame within the size limit.
+    Frame(Vec<u8>),
+    /// The peer announced a frame of this many bytes, over [`MAX_FRAME_BYTES`]; its body
+    /// was not read. Surfaced (instead of an IO error, which libp2p would drop silently)
+    /// so that the node can count it against the peer.
+    Oversized(usize),
 }
 
 async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, bytes: &[u8]) -> io::Result<()> {
@@ -73,19 +72,30 @@ async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, bytes: &[u8]) -> 
 
 impl request_response::Codec for SyncCodec {
     type Protocol = StreamProtocol;
-    type Request = Vec<u8>;
+    type Request = SyncRequest;
     type Response = u8;
 
-    async fn read_request<T: AsyncRead + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Vec<u8>> {
-        read_frame(io).await
+    async fn read_request<T: AsyncRead + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<SyncRequest> {
+        let mut len = [0u8; 4];
+        io.read_exact(&mut len).await?;
+        let len = u32::from_be_bytes(len) as usize;
+        if len > MAX_FRAME_BYTES {
+            return Ok(SyncRequest::Oversized(len));
+        }
+        let mut buf = vec![0u8; len];
+        io.read_exact(&mut buf).await?;
+        Ok(SyncRequest::Frame(buf))
     }
     async fn read_response<T: AsyncRead + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<u8> {
         let mut b = [0u8; 1];
         io.read_exact(&mut b).await?;
         Ok(b[0])
     }
-    async fn write_request<T: AsyncWrite + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T, req: Vec<u8>) -> io::Result<()> {
-        write_frame(io, &req).await
+    async fn write_request<T: AsyncWrite + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T, req: SyncRequest) -> io::Result<()> {
+        match req {
+            SyncRequest::Frame(bytes) => write_frame(io, &bytes).await,
+            SyncRequest::Oversized(n) => Err(io::Error::new(io::ErrorKind::InvalidInput, format!("frame of {n} bytes over the limit"))),
+        }
     }
     async fn write_response<T: AsyncWrite + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T, res: u8) -> io::Result<()> {
         io.write_all(&[res]).await?;

@@ -470,7 +470,7 @@ struct EventLoop {
     /// Completions from the store thread: (highest durable batch id, result).
     store_done: mpsc::UnboundedReceiver<(u64, Result<(), String>)>,
     /// Effects waiting for their batch (None: no writes of its own) to be durable, in order.
-    awaiting: std::collections::VecDeque<(Option<u64>, Pending)>,
+    awaiting: std::collections::VecDeque<(Option<u64>, Pending, bool)>,
     next_batch: u64,
 }
 
@@ -761,11 +761,20 @@ impl EventLoop {
         }
     }
 
-    fn sync_event(&mut self, ev: request_response::Event<Vec<u8>, u8>) {
+    fn sync_event(&mut self, ev: request_response::Event<network::SyncRequest, u8>) {
         match ev {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request { request, channel, .. } => {
-                    let _ = self.swarm.behaviour_mut().sync.send_response(channel, 0);
+                    // Status byte: 0 = taken, 1 = refused unread (over the size limit).
+                    let status = u8::from(matches!(request, network::SyncRequest::Oversized(_)));
+                    let _ = self.swarm.behaviour_mut().sync.send_response(channel, status);
+                    let request = match request {
+                        network::SyncRequest::Frame(bytes) => bytes,
+                        network::SyncRequest::Oversized(len) => {
+                            self.reject(peer, None, "oversized", format!("frame of {len} bytes exceeds {MAX_FRAME_BYTES}"));
+                            return;
+                        }
+                    };
                     self.metrics.frames_in.fetch_add(1, Ordering::Relaxed);
                     self.metrics.bytes_in.fetch_add(request.len() as u64, Ordering::Relaxed);
                     let Some(from) = network::enterprise_of(&peer) else {
@@ -855,6 +864,13 @@ impl EventLoop {
             self.incremental.insert(d, 0);
         }
         let writes = std::mem::take(&mut pending.writes);
+        // Local writes (API creates and edits) are acknowledged, and our own changes sent,
+        // only once durable. A group holding only what peers sent us need not wait: those
+        // changes can be fetched again, and releasing early halves propagation latency.
+        // It still waits if an earlier local group is in flight, since its messages may
+        // carry that group's changes.
+        let local = !pending.replies.is_empty();
+        let wait = local || self.awaiting.iter().any(|(_, _, l)| *l);
         if writes.is_empty() && self.awaiting.is_empty() {
             self.release(pending, Ok(()));
             return;
@@ -870,7 +886,11 @@ impl EventLoop {
             }
             Some(id)
         };
-        self.awaiting.push_back((id, pending));
+        if wait {
+            self.awaiting.push_back((id, pending, local));
+        } else {
+            self.release(pending, Ok(()));
+        }
     }
 
     /// The store made every batch up to `done` durable (or failed it).
@@ -879,11 +899,11 @@ impl EventLoop {
         if let Err(e) = &result {
             tracing::error!("store commit failed: {e}");
         }
-        while let Some((id, _)) = self.awaiting.front() {
+        while let Some((id, _, _)) = self.awaiting.front() {
             if id.is_some_and(|id| id > done) {
                 break;
             }
-            let (_, p) = self.awaiting.pop_front().expect("front exists");
+            let (_, p, _) = self.awaiting.pop_front().expect("front exists");
             self.release(p, result.clone());
         }
     }
@@ -962,7 +982,7 @@ impl EventLoop {
             }
             self.metrics.frames_out.fetch_add(1, Ordering::Relaxed);
             self.metrics.bytes_out.fetch_add(f.len() as u64, Ordering::Relaxed);
-            let id = self.swarm.behaviour_mut().sync.send_request(&peer, f);
+            let id = self.swarm.behaviour_mut().sync.send_request(&peer, network::SyncRequest::Frame(f));
             self.inflight.insert(id, (Instant::now(), peer));
         }
     }
