@@ -156,7 +156,9 @@ impl Store {
 
     /// flush + fdatasync.
     pub fn sync(&self) -> Result<(), StoreError> {
+        let t = std::time::Instant::now();
         self.db.flush()?;
+        let flushed = t.elapsed();
         let mut f = self.data_file.lock().expect("not poisoned");
         if f.is_none() {
             *f = File::open(self.path.join("db")).ok();
@@ -164,6 +166,7 @@ impl Store {
         if let Some(f) = f.as_ref() {
             f.sync_data()?;
         }
+        tracing::trace!(flush_us = flushed.as_micros() as u64, total_us = t.elapsed().as_micros() as u64, "store sync");
         Ok(())
     }
 

@@ -483,7 +483,14 @@ impl Replica {
         // Forward what we just gained to the other connected peers.
         if ingested {
             let peers: Vec<EnterpriseId> = self.connected.iter().copied().filter(|p| *p != from).collect();
+            let small = self.docs.get(&id).is_some_and(|d| d.change_count() < SNAPSHOT_MIN_CHANGES);
             for p in peers {
+                if new_genesis.is_some() && small && !self.sessions.contains_key(&(p, id)) {
+                    // A document new to us is most likely new to our other peers too: send it
+                    // whole at once (as its creator does) instead of a hello round trip first.
+                    // A peer that has it already just acknowledges.
+                    self.sessions.insert((p, id), Session { confirmed: Some(Clock::new()), ..Session::default() });
+                }
                 if self.sessions.get(&(p, id)).is_some_and(|s| s.confirmed.is_some()) || !self.sessions.contains_key(&(p, id)) {
                     let hello = !self.sessions.contains_key(&(p, id));
                     out.extend(self.message_for(p, id, hello));
