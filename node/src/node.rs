@@ -36,6 +36,41 @@ pub const MAX_COMMANDS_PER_COMMIT: usize = 1024;
 pub const COMPACT_AFTER: usize = 4096;
 /// Standing below which a peer is disconnected and banned.
 pub const BAN_STANDING: i64 = -20;
+/// Sync frames a peer may send per second, sustained (a token bucket per peer). Frames
+/// over the rate are answered, counted as `rate_limited` and dropped unread; sync repairs
+/// itself, so an honest peer only slows down.
+pub const MAX_FRAMES_PER_SEC: f64 = 5_000.0;
+/// Frames a peer may send at once before the rate applies.
+pub const FRAME_BURST: f64 = 2_000.0;
+
+/// A token bucket: `burst` tokens, refilled at `rate` per second.
+#[derive(Debug, Clone)]
+pub struct RateLimiter {
+    tokens: f64,
+    rate: f64,
+    burst: f64,
+    last: Instant,
+}
+
+impl RateLimiter {
+    /// A full bucket.
+    pub fn new(rate: f64, burst: f64, now: Instant) -> Self {
+        Self { tokens: burst, rate, burst, last: now }
+    }
+    /// Takes a token if there is one.
+    pub fn allow(&mut self, now: Instant) -> bool {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// Unanswered sync frames per peer (each is a yamux stream; yamux caps streams).
 pub const MAX_INFLIGHT_PER_PEER: usize = 32;
 /// Messages queued for one peer beyond which the oldest are shed (sync repairs itself).
@@ -430,6 +465,7 @@ struct Outbox {
 }
 
 struct PeerState {
+    limiter: RateLimiter,
     enterprise: Option<EnterpriseId>,
     addrs: Vec<Multiaddr>,
     standing: i64,
@@ -703,7 +739,7 @@ impl EventLoop {
                     self.pending.writes.push(Write::Setting { key: format!("peer/{peer_id}"), value: addr.to_string().into_bytes() });
                 }
                 let enterprise = network::enterprise_of(&peer_id);
-                let st = self.peers.entry(peer_id).or_insert(PeerState { enterprise, addrs: Vec::new(), standing: 0, connected_ms: now_ms() });
+                let st = self.peers.entry(peer_id).or_insert(PeerState { limiter: RateLimiter::new(MAX_FRAMES_PER_SEC, FRAME_BURST, Instant::now()), enterprise, addrs: Vec::new(), standing: 0, connected_ms: now_ms() });
                 st.addrs.push(addr);
                 if num_established.get() == 1 {
                     tracing::info!(%peer_id, "peer connected");
@@ -768,6 +804,12 @@ impl EventLoop {
                     // Status byte: 0 = taken, 1 = refused unread (over the size limit).
                     let status = u8::from(matches!(request, network::SyncRequest::Oversized(_)));
                     let _ = self.swarm.behaviour_mut().sync.send_response(channel, status);
+                    if !self.peers.get_mut(&peer).is_none_or(|p| p.limiter.allow(Instant::now())) {
+                        // Counted, not logged one by one and no standing lost: a busy honest
+                        // peer can hit the limit too, and sync repairs what is dropped.
+                        *self.rejected.entry("rate_limited".to_string()).or_default() += 1;
+                        return;
+                    }
                     let request = match request {
                         network::SyncRequest::Frame(bytes) => bytes,
                         network::SyncRequest::Oversized(len) => {
@@ -1040,5 +1082,32 @@ impl EventLoop {
             tracing::info!(%peer, "peer unblocked");
             self.banned.remove(&peer);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limiter_allows_the_burst_then_the_rate() {
+        let t0 = Instant::now();
+        let mut l = RateLimiter::new(100.0, 10.0, t0);
+        for i in 0..10 {
+            assert!(l.allow(t0), "token {i} of the burst");
+        }
+        assert!(!l.allow(t0), "the 11th at once is over the burst");
+        // 50 ms at 100/s refills 5 tokens, no more.
+        let t1 = t0 + Duration::from_millis(50);
+        for i in 0..5 {
+            assert!(l.allow(t1), "refilled token {i}");
+        }
+        assert!(!l.allow(t1));
+        // A long pause refills to the burst, not beyond.
+        let t2 = t1 + Duration::from_secs(60);
+        for _ in 0..10 {
+            assert!(l.allow(t2));
+        }
+        assert!(!l.allow(t2));
     }
 }
