@@ -202,6 +202,8 @@ pub fn router(node: NodeHandle, token: String) -> Router {
         .route("/api/v1/docs/{id}/heads", get(doc_heads))
         .route("/api/v1/docs/{id}/sync", get(doc_sync))
         .route("/api/v1/docs/{id}/members", post(post_member))
+        .route("/api/v1/alerts", get(list_alerts))
+        .route("/api/v1/alerts/trust", put(put_trust))
         .route("/api/v1/events", get(events))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/vocabulary", get(vocabulary))
@@ -525,6 +527,34 @@ async fn events(State(st): State<AppState>) -> Sse<impl Stream<Item = Result<Sse
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
+async fn list_alerts(State(st): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let v = st
+        .node
+        .read(|c| {
+            json!({
+                "trusted": c.trusted.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+                "banned_peers": c.banned,
+                "alerts": c.alerts.iter().rev().collect::<Vec<_>>(),
+            })
+        })
+        .await?;
+    Ok(Json(v))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TrustBody {
+    /// Enterprises whose alerts this node acts on (replaces the list).
+    enterprise_ids: Vec<EnterpriseId>,
+}
+
+async fn put_trust(State(st): State<AppState>, JsonBody(b): JsonBody<TrustBody>) -> Result<Json<Value>, ApiError> {
+    let set: std::collections::BTreeSet<EnterpriseId> = b.enterprise_ids.into_iter().collect();
+    let n = set.len();
+    st.node.set_alert_trust(set).await?;
+    Ok(Json(json!({ "trusted": n })))
+}
+
 async fn vocabulary() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], model::VOCABULARY_JSON)
 }
@@ -628,7 +658,9 @@ pub fn openapi_doc() -> Value {
     add("/api/v1/docs/{id}/heads", "get", op("Heads of a document", None, "200"));
     add("/api/v1/docs/{id}/sync", "get", op("Per-peer sync state of a document", None, "200"));
     add("/api/v1/docs/{id}/members", "post", op("Add, change or remove (role null) a member (owner only)", Some("Member"), "200"));
-    add("/api/v1/events", "get", op("Server-sent events: doc_updated, peer_connected, peer_disconnected, rejected", None, "200"));
+    add("/api/v1/alerts", "get", op("Security alerts published by this node and received from others; trusted reporters; banned peers", None, "200"));
+    add("/api/v1/alerts/trust", "put", op("Set the enterprises whose alerts this node acts on (their reported peers are banned)", Some("Trust"), "200"));
+    add("/api/v1/events", "get", op("Server-sent events: doc_updated, peer_connected, peer_disconnected, rejected, alert", None, "200"));
     add("/metrics", "get", op("Prometheus metrics", None, "200"));
     paths.insert("/healthz".into(), json!({ "get": { "summary": "Liveness", "responses": { "200": { "description": "ok" } } } }));
     json!({
@@ -662,6 +694,7 @@ pub fn openapi_doc() -> Value {
                 "DesignInput": { "type": "object", "additionalProperties": false, "required": ["title"], "properties": { "title": { "type": "string" }, "description": { "type": "string" }, "visibility": { "enum": ["public", "members"] }, "members": { "type": "object" } } },
                 "Splice": { "type": "object", "additionalProperties": false, "required": ["pos"], "properties": { "pos": { "type": "integer" }, "delete": { "type": "integer" }, "insert": { "type": "string" } } },
                 "Parameter": { "type": "object", "additionalProperties": false, "required": ["name", "value"], "properties": { "name": { "type": "string" }, "value": { "type": "number" }, "unit": { "type": "string" } } },
+                "Trust": { "type": "object", "additionalProperties": false, "required": ["enterprise_ids"], "properties": { "enterprise_ids": { "type": "array", "items": { "type": "string" } } } },
                 "Release": { "type": "object", "additionalProperties": false, "required": ["name"], "properties": { "name": { "type": "string" } } },
                 "Member": { "type": "object", "additionalProperties": false, "required": ["enterprise_id", "role"], "properties": { "enterprise_id": { "type": "string" }, "role": { "type": ["string", "null"] } } }
             }

@@ -58,6 +58,9 @@ pub struct FileConfig {
     /// Public document kinds not to fetch (`order`, `capacity`, `design`).
     #[serde(default)]
     pub refuse_kinds: Vec<Kind>,
+    /// Enterprises whose security alerts this node acts on (their reported peers are banned).
+    #[serde(default)]
+    pub trust_alerts_from: Vec<cofab_protocol::EnterpriseId>,
 }
 
 fn default_listen() -> Vec<String> {
@@ -119,6 +122,9 @@ mdns = true
 
 # Public document kinds this node does not fetch when offered: "order", "capacity", "design".
 refuse_kinds = []
+
+# Enterprise ids (cf1...) whose security alerts you trust: a peer they report is banned here too.
+trust_alerts_from = []
 "#
         );
         fs::write(self.config_file(), cfg)?;

@@ -21,6 +21,8 @@ use libp2p::{connection_limits, gossipsub, identify, identity, kad, mdns, noise,
 pub const SYNC_PROTOCOL: StreamProtocol = StreamProtocol::new("/cofab/sync/1");
 /// The gossipsub topic on which public documents are announced.
 pub const ANNOUNCE_TOPIC: &str = "cofab/announce/1";
+/// The gossipsub topic on which security alerts are published.
+pub const ALERTS_TOPIC: &str = "cofab/alerts/1";
 /// Most connections in total.
 pub const MAX_CONNECTIONS: u32 = 256;
 /// Most connections per peer.

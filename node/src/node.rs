@@ -97,6 +97,8 @@ pub struct NodeConfig {
     pub fetch: FetchPolicy,
     /// Period of the sync repair tick.
     pub tick: Duration,
+    /// Enterprises whose security alerts we act on: a peer they report is banned here.
+    pub trust_alerts_from: std::collections::BTreeSet<EnterpriseId>,
 }
 
 impl NodeConfig {
@@ -111,6 +113,7 @@ impl NodeConfig {
             mdns: false,
             fetch: FetchPolicy::default(),
             tick: Duration::from_millis(1000),
+            trust_alerts_from: Default::default(),
         }
     }
 }
@@ -172,6 +175,8 @@ pub enum Event {
         /// Peer id.
         peer_id: String,
     },
+    /// A security alert was published by us or received from a peer.
+    Alert(AlertRecord),
     /// Input from a peer was refused.
     Rejected {
         /// Peer id.
@@ -183,6 +188,30 @@ pub enum Event {
         /// Detail.
         detail: String,
     },
+}
+
+/// Alerts we publish at most, per minute (and at most one per offender per minute).
+pub const ALERTS_PER_MINUTE: f64 = 10.0;
+/// Alerts kept for the API.
+pub const ALERTS_KEPT: usize = 1000;
+
+/// A security alert as the API shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AlertRecord {
+    /// Enterprise that refused the input (authenticated gossip source).
+    pub reporter: String,
+    /// Enterprise whose peer sent it.
+    pub offender: String,
+    /// Reason label.
+    pub reason: String,
+    /// SHA-256 of the evidence, hex.
+    pub evidence: String,
+    /// Reporter's time, unix ms.
+    pub at_ms: i64,
+    /// Whether we published it.
+    pub ours: bool,
+    /// Whether we banned the offender because we trust the reporter.
+    pub acted: bool,
 }
 
 /// Counters exported as Prometheus metrics.
@@ -248,6 +277,12 @@ pub struct ReadCtx<'a> {
     pub rejected: &'a BTreeMap<String, u64>,
     /// The store (size_on_disk is not free: call it only where needed).
     pub store: &'a Store,
+    /// Security alerts, newest last.
+    pub alerts: &'a std::collections::VecDeque<AlertRecord>,
+    /// Enterprises whose alerts we act on.
+    pub trusted: &'a std::collections::BTreeSet<EnterpriseId>,
+    /// Banned peers.
+    pub banned: Vec<String>,
 }
 
 type ReadFn = Box<dyn FnOnce(&ReadCtx<'_>) + Send>;
@@ -261,6 +296,7 @@ enum Command {
     Create { f: CreateFn, reply: oneshot::Sender<Result<DocId, NodeError>> },
     Dial { addr: Multiaddr, reply: oneshot::Sender<Result<(), NodeError>> },
     Block { peer: PeerId, block: bool, reply: oneshot::Sender<()> },
+    Trust { enterprises: std::collections::BTreeSet<EnterpriseId>, reply: oneshot::Sender<()> },
     Shutdown { reply: oneshot::Sender<()> },
 }
 
@@ -339,6 +375,13 @@ impl NodeHandle {
         }
     }
 
+    /// Sets the enterprises whose security alerts this node acts on.
+    pub async fn set_alert_trust(&self, enterprises: std::collections::BTreeSet<EnterpriseId>) -> Result<(), NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Command::Trust { enterprises, reply: tx }).await.map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
     /// Subscribes to node events.
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
@@ -386,6 +429,8 @@ impl Node {
         let mut swarm = network::build_swarm(&config.key, config.mdns).map_err(|e| NodeError::Start(e.to_string()))?;
         let topic = gossipsub::IdentTopic::new(network::ANNOUNCE_TOPIC);
         swarm.behaviour_mut().gossip.subscribe(&topic).map_err(|e| NodeError::Start(e.to_string()))?;
+        let alerts_topic = gossipsub::IdentTopic::new(network::ALERTS_TOPIC);
+        swarm.behaviour_mut().gossip.subscribe(&alerts_topic).map_err(|e| NodeError::Start(e.to_string()))?;
         for a in &config.listen {
             swarm.listen_on(a.clone()).map_err(|e| NodeError::Start(format!("listen on {a}: {e}")))?;
         }
@@ -449,6 +494,12 @@ impl Node {
             outbox: HashMap::new(),
             incremental,
             topic,
+            alerts_topic,
+            alerts: Default::default(),
+            trusted: config.trust_alerts_from.clone(),
+            alerted: HashMap::new(),
+            alert_limiter: RateLimiter::new(ALERTS_PER_MINUTE / 60.0, ALERTS_PER_MINUTE, Instant::now()),
+            reporter_limiters: HashMap::new(),
             tick: config.tick,
             has_bootstrap: !config.bootstrap.is_empty(),
         };
@@ -497,6 +548,13 @@ struct EventLoop {
     outbox: HashMap<PeerId, Outbox>,
     incremental: HashMap<DocId, usize>,
     topic: gossipsub::IdentTopic,
+    alerts_topic: gossipsub::IdentTopic,
+    alerts: std::collections::VecDeque<AlertRecord>,
+    trusted: std::collections::BTreeSet<EnterpriseId>,
+    /// Last alert we published about each offender.
+    alerted: HashMap<PeerId, Instant>,
+    alert_limiter: RateLimiter,
+    reporter_limiters: HashMap<EnterpriseId, RateLimiter>,
     tick: Duration,
     has_bootstrap: bool,
     /// Groups of writes to the store thread: (batch id, writes).
@@ -610,6 +668,9 @@ impl EventLoop {
                     peers,
                     rejected: &self.rejected,
                     store: &self.store,
+                    alerts: &self.alerts,
+                    trusted: &self.trusted,
+                    banned: self.banned.iter().map(|p| p.to_string()).collect(),
                 };
                 f(&ctx);
             }
@@ -655,6 +716,10 @@ impl EventLoop {
             Command::Dial { addr, reply } => {
                 let r = self.swarm.dial(addr).map_err(|e| NodeError::Network(e.to_string()));
                 let _ = reply.send(r);
+            }
+            Command::Trust { enterprises, reply } => {
+                self.trusted = enterprises;
+                let _ = reply.send(());
             }
             Command::Block { peer, block, reply } => {
                 self.set_blocked(peer, block);
@@ -706,8 +771,12 @@ impl EventLoop {
 
     fn reject(&mut self, peer: PeerId, doc: Option<DocId>, reason: &str, detail: String) {
         tracing::warn!(%peer, ?doc, reason, %detail, "refused input");
+        let detail_for_alert = detail.clone();
         *self.rejected.entry(reason.to_string()).or_default() += 1;
         self.pending.events.push(Event::Rejected { peer_id: peer.to_string(), doc: doc.map(|d| d.to_string()), reason: reason.to_string(), detail });
+        if reason != "missing_deps" {
+            self.publish_alert(peer, doc, reason, &detail_for_alert);
+        }
         if let Some(p) = self.peers.get_mut(&peer) {
             p.standing -= if reason == "missing_deps" { 0 } else { 5 };
             if p.standing <= BAN_STANDING {
@@ -773,7 +842,11 @@ impl EventLoop {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Sync(ev)) => self.sync_event(ev),
             SwarmEvent::Behaviour(BehaviourEvent::Gossip(gossipsub::Event::Message { propagation_source, message, .. })) => {
-                self.announcement(propagation_source, message);
+                if message.topic == self.alerts_topic.hash() {
+                    self.alert_received(propagation_source, message);
+                } else {
+                    self.announcement(propagation_source, message);
+                }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
                 for (peer, addr) in list {
@@ -832,6 +905,11 @@ impl EventLoop {
                             }
                         }
                         Ok(Frame::Announce(items)) => self.announced(peer, items),
+                        Ok(Frame::Alert(_)) => {
+                            // Alerts travel on the gossip topic, signed by their reporter; one sent
+                            // directly would carry no such proof.
+                            self.reject(peer, None, "malformed_frame", "alert sent outside the alerts topic".into());
+                        }
                         Err(e) => {
                             let reason = match e {
                                 cofab_protocol::DecodeError::UnknownVersion(_) => "unknown_version",
@@ -862,6 +940,84 @@ impl EventLoop {
             }
             _ => {}
         }
+    }
+
+    /// Publishes a signed security alert about `peer` (rate-limited: one per offender per
+    /// minute, [`ALERTS_PER_MINUTE`] in all). Gossipsub signs it with our key, so nobody
+    /// can publish an alert in our name.
+    fn publish_alert(&mut self, peer: PeerId, doc: Option<DocId>, reason: &str, detail: &str) {
+        use sha2::Digest;
+        let Some(offender) = network::enterprise_of(&peer) else { return };
+        let now = Instant::now();
+        if self.alerted.get(&peer).is_some_and(|t| now.duration_since(*t) < Duration::from_secs(60)) {
+            return;
+        }
+        if !self.alert_limiter.allow(now) {
+            return;
+        }
+        self.alerted.insert(peer, now);
+        let mut h = sha2::Sha256::new();
+        h.update(reason.as_bytes());
+        h.update(doc.map(|d| d.0).unwrap_or_default());
+        h.update(detail.as_bytes());
+        let evidence: [u8; 32] = h.finalize().into();
+        let alert = cofab_protocol::wire::Alert { offender, reason: reason.chars().take(cofab_protocol::wire::MAX_ALERT_REASON).collect(), evidence, at_ms: now_ms() };
+        let topic = self.alerts_topic.clone();
+        if let Err(e) = self.swarm.behaviour_mut().gossip.publish(topic, Frame::Alert(alert.clone()).encode()) {
+            tracing::debug!("alert not published: {e}");
+        }
+        self.record_alert(AlertRecord {
+            reporter: self.replica.id().to_string(),
+            offender: offender.to_string(),
+            reason: alert.reason,
+            evidence: crate::config::hex(&evidence),
+            at_ms: alert.at_ms,
+            ours: true,
+            acted: false,
+        });
+    }
+
+    fn record_alert(&mut self, r: AlertRecord) {
+        if self.alerts.len() >= ALERTS_KEPT {
+            self.alerts.pop_front();
+        }
+        self.alerts.push_back(r.clone());
+        self.pending.events.push(Event::Alert(r));
+    }
+
+    /// An alert from the network. The reporter is the gossip message's authenticated
+    /// source; if we trust it, the offender is banned here too.
+    fn alert_received(&mut self, via: PeerId, message: gossipsub::Message) {
+        let Some(reporter) = message.source.and_then(|s| network::enterprise_of(&s)) else {
+            *self.rejected.entry("unsigned_alert".into()).or_default() += 1;
+            return;
+        };
+        let Ok(Frame::Alert(a)) = Frame::decode(&message.data) else {
+            self.reject(via, None, "malformed_alert", "not an alert frame on the alerts topic".into());
+            return;
+        };
+        let now = Instant::now();
+        let limiter = self.reporter_limiters.entry(reporter).or_insert_with(|| RateLimiter::new(ALERTS_PER_MINUTE / 60.0, ALERTS_PER_MINUTE, now));
+        if !limiter.allow(now) {
+            *self.rejected.entry("alert_flood".into()).or_default() += 1;
+            return;
+        }
+        let trusted = self.trusted.contains(&reporter) && a.offender != self.replica.id() && !self.trusted.contains(&a.offender);
+        if trusted {
+            let offender = network::peer_id_of(&a.offender);
+            tracing::warn!(%offender, reporter = %reporter, reason = %a.reason, "banning a peer reported by a trusted enterprise");
+            self.banned.insert(offender);
+            let _ = self.swarm.disconnect_peer_id(offender);
+        }
+        self.record_alert(AlertRecord {
+            reporter: reporter.to_string(),
+            offender: a.offender.to_string(),
+            reason: a.reason,
+            evidence: crate::config::hex(&a.evidence),
+            at_ms: a.at_ms,
+            ours: false,
+            acted: trusted,
+        });
     }
 
     fn announcement(&mut self, source: PeerId, message: gossipsub::Message) {

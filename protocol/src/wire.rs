@@ -32,6 +32,9 @@ pub const MAX_MESSAGES_PER_FRAME: usize = 4096;
 
 const T_SYNC: u8 = 1;
 const T_ANNOUNCE: u8 = 2;
+const T_ALERT: u8 = 3;
+/// Longest reason label in a security alert.
+pub const MAX_ALERT_REASON: usize = 64;
 
 const F_GENESIS: u8 = 1;
 const F_CHANGES: u8 = 2;
@@ -85,6 +88,20 @@ pub struct Announcement {
     pub changes: u64,
 }
 
+/// A security alert: the sender refused input from `offender`. The reporter is not in
+/// the frame: it is the authenticated source of the (signed) gossip message that carries it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Alert {
+    /// The enterprise whose peer sent the refused input.
+    pub offender: EnterpriseId,
+    /// Why, as a reason label (`bad_signature`, `malformed_frame`, ...).
+    pub reason: String,
+    /// SHA-256 of the evidence (reason, document and detail of the refusal).
+    pub evidence: [u8; 32],
+    /// When, unix ms (reporter's clock).
+    pub at_ms: i64,
+}
+
 /// A decoded frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame {
@@ -92,6 +109,8 @@ pub enum Frame {
     Sync(Vec<SyncMessage>),
     /// Public documents the sender holds.
     Announce(Vec<Announcement>),
+    /// A security alert, published on the alerts topic.
+    Alert(Alert),
 }
 
 // ---------- encoding ----------
@@ -185,6 +204,13 @@ impl Frame {
                     put_varint(&mut out, a.changes);
                 }
             }
+            Frame::Alert(a) => {
+                out.push(T_ALERT);
+                out.extend_from_slice(a.offender.as_bytes());
+                put_bytes(&mut out, a.reason.as_bytes());
+                out.extend_from_slice(&a.evidence);
+                put_varint(&mut out, a.at_ms as u64);
+            }
         }
         out
     }
@@ -222,6 +248,17 @@ impl Frame {
                     items.push(Announcement { doc, kind, owner, changes });
                 }
                 Frame::Announce(items)
+            }
+            T_ALERT => {
+                let offender = EnterpriseId(r.array()?);
+                let reason = r.bytes()?;
+                if reason.len() > MAX_ALERT_REASON {
+                    return Err(DecodeError::Invalid("alert reason too long"));
+                }
+                let reason = String::from_utf8(reason).map_err(|_| DecodeError::Invalid("alert reason"))?;
+                let evidence = r.array()?;
+                let at_ms = r.varint()? as i64;
+                Frame::Alert(Alert { offender, reason, evidence, at_ms })
             }
             t => return Err(DecodeError::UnknownType(t)),
         };
@@ -397,6 +434,15 @@ mod tests {
             let f = Frame::Announce(items.into_iter().map(|(d,k,o,c)| Announcement{doc: DocId(d), kind: Kind::from_tag(k).unwrap(), owner: EnterpriseId(o), changes: c}).collect());
             prop_assert_eq!(Frame::decode(&f.encode()).unwrap(), f);
         }
+    }
+
+    #[test]
+    fn alert_round_trips_and_refuses_long_reasons() {
+        let a = Alert { offender: EnterpriseId([7; 32]), reason: "bad_signature".into(), evidence: [1; 32], at_ms: 1_700_000_000_000 };
+        let f = Frame::Alert(a);
+        assert_eq!(Frame::decode(&f.encode()).unwrap(), f);
+        let long = Frame::Alert(Alert { offender: EnterpriseId([7; 32]), reason: "x".repeat(MAX_ALERT_REASON + 1), evidence: [1; 32], at_ms: 0 });
+        assert_eq!(Frame::decode(&long.encode()), Err(DecodeError::Invalid("alert reason too long")));
     }
 
     #[test]

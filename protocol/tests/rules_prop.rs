@@ -87,7 +87,8 @@ fn apply(doc: &mut Document, ks: &[Keypair], who: usize, action: u8, x: u16) -> 
         }
         _ => model::comment(doc, kp, now, "note"),
     };
-    res.is_ok()
+    // An accepted edit that changed nothing (e.g. the status it already has) makes no change.
+    res.is_ok_and(|a| !a.changes.is_empty())
 }
 
 /// Everything `doc` holds, as a peer would receive it from scratch.

@@ -266,6 +266,7 @@ async fn run(cli: &Cli, args: &RunArgs) {
     cfg.bootstrap = boot.iter().map(|a| a.parse().unwrap_or_else(|e| fail(format!("--bootstrap {a}: {e}")))).collect();
     cfg.mdns = fc.mdns && !args.no_mdns;
     cfg.fetch = FetchPolicy { refuse_kinds: fc.refuse_kinds.iter().copied().collect() };
+    cfg.trust_alerts_from = fc.trust_alerts_from.iter().copied().collect();
     let api_addr = args.api.clone().unwrap_or(fc.api.clone());
     let listener = tokio::net::TcpListener::bind(&api_addr).await.unwrap_or_else(|e| fail(format!("--api {api_addr}: {e}")));
     let node = Node::start(cfg).await.unwrap_or_else(|e| fail(e));
