@@ -231,6 +231,37 @@ pub async fn sustained(n: usize, conc: usize) -> Value {
     json!({ "scenario": "d", "changes": n, "clients": conc, "acked_per_s": n as f64 / ack_s, "peer_has_all_s": peer_s, "end_to_end_per_s": n as f64 / peer_s })
 }
 
+/// (d′) the same through the node's Rust API (`NodeHandle::edit`) with `conc` concurrent
+/// callers: what the node accepts without HTTP in the way.
+pub async fn sustained_handle(n: usize, conc: usize) -> Value {
+    let a = start_node("A").await;
+    let b = start_node("B").await;
+    connect(&a.node.handle, &b.node.handle).await;
+    let input = DesignInput { title: "sustained".into(), ..Default::default() };
+    let id = a.node.handle.create(move |kp, now, nonce| model::create_design(kp, &input, now, nonce)).await.unwrap();
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..conc {
+        let h = a.node.handle.clone();
+        let count = n / conc + usize::from(w < n % conc);
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..count {
+                h.edit(id, |d, kp, now| model::splice_description(d, kp, now, &Splice { pos: 0, delete: 0, insert: "x".into() })).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let ack_s = t0.elapsed().as_secs_f64();
+    while changes_of(&b.node.handle, id).await < n + 1 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let peer_s = t0.elapsed().as_secs_f64();
+    stop(vec![a, b]).await;
+    json!({ "scenario": "d'", "changes": n, "callers": conc, "acked_per_s": n as f64 / ack_s, "peer_has_all_s": peer_s, "end_to_end_per_s": n as f64 / peer_s })
+}
+
 /// (e) one public order posted on one node reaching `nodes` nodes; p50/p99 over `rounds`.
 pub async fn fan_out(nodes: usize, rounds: usize) -> Value {
     let mut all = Vec::new();
@@ -296,6 +327,7 @@ pub async fn run(scenarios: &str, quick: bool) -> Vec<Value> {
     }
     if has('d') {
         out.push(sustained(if quick { 2_000 } else { 20_000 }, 32).await);
+        out.push(sustained_handle(if quick { 2_000 } else { 20_000 }, 64).await);
     }
     if has('e') {
         out.push(fan_out(if quick { 10 } else { 50 }, if quick { 5 } else { 20 }).await);
