@@ -283,6 +283,22 @@ async fn get_order(State(st): State<AppState>, Path(id): Path<String>) -> Result
     v.map(|o| Json(json!(o))).ok_or_else(|| ApiError::not_found("order"))
 }
 
+/// Runs a typed edit on document `id` (404 if absent or not of `kind`); answers `{"ok": true}`
+/// once the change is durable.
+async fn edit_doc(
+    st: &AppState,
+    id: &str,
+    kind: Option<Kind>,
+    f: impl FnOnce(&mut cofab_protocol::Document, &cofab_protocol::Keypair, i64) -> Result<cofab_protocol::Accepted, EditError> + Send + 'static,
+) -> Result<Json<Value>, ApiError> {
+    let id = doc_id(id)?;
+    if let Some(kind) = kind {
+        ensure_kind(st, id, kind).await?;
+    }
+    st.node.edit(id, f).await?;
+    Ok(Json(json!({ "ok": true })))
+}
+
 async fn ensure_kind(st: &AppState, id: DocId, kind: Kind) -> Result<(), ApiError> {
     let k = st.node.read(move |c| c.replica.doc(&id).map(|d| d.genesis().kind)).await?;
     match k {
@@ -292,10 +308,7 @@ async fn ensure_kind(st: &AppState, id: DocId, kind: Kind) -> Result<(), ApiErro
 }
 
 async fn post_bid(State(st): State<AppState>, Path(id): Path<String>, JsonBody(bid): JsonBody<BidInput>) -> Result<Json<Value>, ApiError> {
-    let id = doc_id(&id)?;
-    ensure_kind(&st, id, Kind::Order).await?;
-    st.node.edit(id, move |d, kp, now| model::place_bid(d, kp, now, &bid)).await?;
-    Ok(Json(json!({ "ok": true })))
+    edit_doc(&st, &id, Some(Kind::Order), move |d, kp, now| model::place_bid(d, kp, now, &bid)).await
 }
 
 #[derive(Deserialize)]
@@ -305,10 +318,7 @@ struct AwardBody {
 }
 
 async fn post_award(State(st): State<AppState>, Path(id): Path<String>, JsonBody(b): JsonBody<AwardBody>) -> Result<Json<Value>, ApiError> {
-    let id = doc_id(&id)?;
-    ensure_kind(&st, id, Kind::Order).await?;
-    st.node.edit(id, move |d, kp, now| model::award(d, kp, now, &b.awards)).await?;
-    Ok(Json(json!({ "ok": true })))
+    edit_doc(&st, &id, Some(Kind::Order), move |d, kp, now| model::award(d, kp, now, &b.awards)).await
 }
 
 #[derive(Deserialize)]
@@ -318,17 +328,11 @@ struct StatusBody {
 }
 
 async fn post_status(State(st): State<AppState>, Path(id): Path<String>, JsonBody(b): JsonBody<StatusBody>) -> Result<Json<Value>, ApiError> {
-    let id = doc_id(&id)?;
-    ensure_kind(&st, id, Kind::Order).await?;
-    st.node.edit(id, move |d, kp, now| model::set_status(d, kp, now, &b.status)).await?;
-    Ok(Json(json!({ "ok": true })))
+    edit_doc(&st, &id, Some(Kind::Order), move |d, kp, now| model::set_status(d, kp, now, &b.status)).await
 }
 
 async fn post_progress(State(st): State<AppState>, Path(id): Path<String>, JsonBody(p): JsonBody<ProgressInput>) -> Result<Json<Value>, ApiError> {
-    let id = doc_id(&id)?;
-    ensure_kind(&st, id, Kind::Order).await?;
-    st.node.edit(id, move |d, kp, now| model::report_progress(d, kp, now, &p)).await?;
-    Ok(Json(json!({ "ok": true })))
+    edit_doc(&st, &id, Some(Kind::Order), move |d, kp, now| model::report_progress(d, kp, now, &p)).await
 }
 
 #[derive(Deserialize)]
@@ -338,9 +342,7 @@ struct CommentBody {
 }
 
 async fn post_comment(State(st): State<AppState>, Path(id): Path<String>, JsonBody(b): JsonBody<CommentBody>) -> Result<Json<Value>, ApiError> {
-    let id = doc_id(&id)?;
-    st.node.edit(id, move |d, kp, now| model::comment(d, kp, now, &b.text)).await?;
-    Ok(Json(json!({ "ok": true })))
+    edit_doc(&st, &id, None, move |d, kp, now| model::comment(d, kp, now, &b.text)).await
 }
 
 async fn put_capacity(State(st): State<AppState>, JsonBody(c): JsonBody<CapacityInput>) -> Result<impl IntoResponse, ApiError> {
@@ -421,10 +423,7 @@ async fn get_design(State(st): State<AppState>, Path(id): Path<String>) -> Resul
 }
 
 async fn post_text(State(st): State<AppState>, Path(id): Path<String>, JsonBody(s): JsonBody<Splice>) -> Result<Json<Value>, ApiError> {
-    let id = doc_id(&id)?;
-    ensure_kind(&st, id, Kind::Design).await?;
-    st.node.edit(id, move |d, kp, now| model::splice_description(d, kp, now, &s)).await?;
-    Ok(Json(json!({ "ok": true })))
+    edit_doc(&st, &id, Some(Kind::Design), move |d, kp, now| model::splice_description(d, kp, now, &s)).await
 }
 
 #[derive(Deserialize)]
@@ -437,10 +436,7 @@ struct ParameterBody {
 }
 
 async fn post_parameter(State(st): State<AppState>, Path(id): Path<String>, JsonBody(p): JsonBody<ParameterBody>) -> Result<Json<Value>, ApiError> {
-    let id = doc_id(&id)?;
-    ensure_kind(&st, id, Kind::Design).await?;
-    st.node.edit(id, move |d, kp, now| model::set_parameter(d, kp, now, &p.name, p.value, &p.unit)).await?;
-    Ok(Json(json!({ "ok": true })))
+    edit_doc(&st, &id, Some(Kind::Design), move |d, kp, now| model::set_parameter(d, kp, now, &p.name, p.value, &p.unit)).await
 }
 
 #[derive(Deserialize)]
@@ -450,10 +446,7 @@ struct ReleaseBody {
 }
 
 async fn post_release(State(st): State<AppState>, Path(id): Path<String>, JsonBody(r): JsonBody<ReleaseBody>) -> Result<Json<Value>, ApiError> {
-    let id = doc_id(&id)?;
-    ensure_kind(&st, id, Kind::Design).await?;
-    st.node.edit(id, move |d, kp, now| model::release(d, kp, now, &r.name)).await?;
-    Ok(Json(json!({ "ok": true })))
+    edit_doc(&st, &id, Some(Kind::Design), move |d, kp, now| model::release(d, kp, now, &r.name)).await
 }
 
 #[derive(Deserialize)]
@@ -465,9 +458,7 @@ struct MemberBody {
 }
 
 async fn post_member(State(st): State<AppState>, Path(id): Path<String>, JsonBody(m): JsonBody<MemberBody>) -> Result<Json<Value>, ApiError> {
-    let id = doc_id(&id)?;
-    st.node.edit(id, move |d, kp, now| model::set_member(d, kp, now, m.enterprise_id, m.role)).await?;
-    Ok(Json(json!({ "ok": true })))
+    edit_doc(&st, &id, None, move |d, kp, now| model::set_member(d, kp, now, m.enterprise_id, m.role)).await
 }
 
 async fn list_docs(State(st): State<AppState>) -> Result<Json<Value>, ApiError> {
