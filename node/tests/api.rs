@@ -114,9 +114,16 @@ async fn orders_are_posted_read_and_bad_input_names_the_field() {
     // nothing of that changed the order
     let (_, after) = a.call("GET", &format!("/api/v1/orders/{id}"), None).await;
     assert_eq!(after["heads"], o["heads"]);
-    // bodies over the limit
-    let huge = format!(r#"{{"title": "{}", "quantity": 1}}"#, "x".repeat(api::MAX_BODY_BYTES));
-    let (s, _) = a.call("POST", "/api/v1/orders", Some(&huge)).await;
+    // the body limit at its edge: exactly MAX_BODY_BYTES is read (and refused for its
+    // over-long text, 400), one byte more is refused unread (413)
+    let head = r#"{"title": "x", "quantity": 1, "description": "#;
+    let fill = api::MAX_BODY_BYTES - head.len() - 3;
+    let exact = format!("{head}\"{}\"}}", "d".repeat(fill));
+    assert_eq!(exact.len(), api::MAX_BODY_BYTES);
+    let (s, v) = a.call("POST", "/api/v1/orders", Some(&exact)).await;
+    assert_eq!(s, 400, "{v}");
+    let over = format!("{exact} ");
+    let (s, _) = a.call("POST", "/api/v1/orders", Some(&over)).await;
     assert_eq!(s, 413);
     let (s, _) = a.call("GET", "/api/v1/no-such-route", None).await;
     assert_eq!(s, 404);
