@@ -126,3 +126,31 @@ async fn concurrent_design_edits_converge() {
     assert_eq!(ta.matches('A').count(), 50);
     assert_eq!(ta.matches('B').count(), 50);
 }
+
+/// A design's attachment (a 3 MiB file) reaches another node byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attachments_sync_between_nodes() {
+    let nodes = start_net("attach", 2).await;
+    let input = model::DesignInput { title: "Housing".into(), ..Default::default() };
+    let id = nodes[0].handle().create(move |kp, now, nonce| model::create_design(kp, &input, now, nonce)).await.unwrap();
+    let file: Vec<u8> = (0..3 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
+    let f = file.clone();
+    nodes[0]
+        .handle()
+        .edit(id, move |d, kp, now| model::add_attachment(d, kp, now, "housing.step", "model/step", &f).map(|(_, acc)| acc))
+        .await
+        .unwrap();
+    wait_converged(&[&nodes[0], &nodes[1]], id).await;
+    let got = nodes[1]
+        .handle()
+        .read(move |c| {
+            let d = c.replica.doc(&id)?;
+            let key = model::design_view(d)?.attachments.keys().next()?.clone();
+            model::attachment_content(d, &key)
+        })
+        .await
+        .unwrap()
+        .expect("attachment reached node 1");
+    assert_eq!(got.0, "model/step");
+    assert!(got.1 == file, "attachment bytes differ");
+}

@@ -198,6 +198,11 @@ pub fn router(node: NodeHandle, token: String) -> Router {
         .route("/api/v1/designs/{id}/parameters", post(post_parameter))
         .route("/api/v1/designs/{id}/comments", post(post_comment))
         .route("/api/v1/designs/{id}/releases", post(post_release))
+        .route(
+            "/api/v1/designs/{id}/attachments/{name}",
+            put(put_attachment).layer(DefaultBodyLimit::max(model::MAX_ATTACHMENT_BYTES)),
+        )
+        .route("/api/v1/designs/{id}/files/{key}", get(get_attachment))
         .route("/api/v1/docs", get(list_docs))
         .route("/api/v1/docs/{id}/heads", get(doc_heads))
         .route("/api/v1/docs/{id}/sync", get(doc_sync))
@@ -439,6 +444,41 @@ async fn post_parameter(State(st): State<AppState>, Path(id): Path<String>, Json
     edit_doc(&st, &id, Some(Kind::Design), move |d, kp, now| model::set_parameter(d, kp, now, &p.name, p.value, &p.unit)).await
 }
 
+async fn put_attachment(
+    State(st): State<AppState>,
+    Path((id, name)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("attachment larger than {} bytes", model::MAX_ATTACHMENT_BYTES))
+        } else {
+            ApiError::new(StatusCode::BAD_REQUEST, e.body_text())
+        }
+    })?;
+    let media = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("application/octet-stream").to_string();
+    let id = doc_id(&id)?;
+    ensure_kind(&st, id, Kind::Design).await?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    st.node
+        .edit(id, move |d, kp, now| {
+            let (key, acc) = model::add_attachment(d, kp, now, &name, &media, &body)?;
+            let _ = tx.send(key);
+            Ok(acc)
+        })
+        .await?;
+    let key = rx.await.map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "node stopped"))?;
+    Ok((StatusCode::CREATED, Json(json!({ "key": key, "url": format!("/api/v1/designs/{id}/files/{key}") }))))
+}
+
+async fn get_attachment(State(st): State<AppState>, Path((id, key)): Path<(String, String)>) -> Result<Response, ApiError> {
+    let id = doc_id(&id)?;
+    let found = st.node.read(move |c| c.replica.doc(&id).and_then(|d| model::attachment_content(d, &key))).await?;
+    let (media, bytes) = found.ok_or_else(|| ApiError::not_found("attachment"))?;
+    Ok(([(header::CONTENT_TYPE, media)], bytes).into_response())
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ReleaseBody {
@@ -645,6 +685,8 @@ pub fn openapi_doc() -> Value {
     add("/api/v1/designs/{id}/parameters", "post", op("Set a parameter", Some("Parameter"), "200"));
     add("/api/v1/designs/{id}/comments", "post", op("Comment on a design", Some("Comment"), "200"));
     add("/api/v1/designs/{id}/releases", "post", op("Release a revision (owner or approver)", Some("Release"), "200"));
+    add("/api/v1/designs/{id}/attachments/{name}", "put", op("Attach a file (raw body, Content-Type kept; at most 4 MiB); content-addressed by SHA-256", None, "201"));
+    add("/api/v1/designs/{id}/files/{key}", "get", op("Download an attachment by its SHA-256 key", None, "200"));
     add("/api/v1/docs", "get", op("All documents held", None, "200"));
     add("/api/v1/docs/{id}/heads", "get", op("Heads of a document", None, "200"));
     add("/api/v1/docs/{id}/sync", "get", op("Per-peer sync state of a document", None, "200"));

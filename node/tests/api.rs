@@ -154,6 +154,21 @@ async fn capacity_designs_docs_metrics_and_openapi() {
     assert_eq!(d["description"], "wallthickness  2 mm");
     let (s, v) = a.call("POST", &format!("/api/v1/designs/{id}/text"), Some(r#"{"pos": 999, "insert": "x"}"#)).await;
     assert_eq!((s, v["field"].as_str()), (400, Some("pos")), "{v}");
+    // attachments: stored content-addressed, read back byte for byte; the size limit at its edge
+    let file: Vec<u8> = (0..cofab_protocol::model::MAX_ATTACHMENT_BYTES).map(|i| (i % 251) as u8).collect();
+    let url = format!("{}/api/v1/designs/{id}/attachments/housing.step", a.base);
+    let r = a.http.put(&url).bearer_auth(&a.token).header("content-type", "model/step").body(file.clone()).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let key = r.json::<Value>().await.unwrap()["key"].as_str().unwrap().to_string();
+    let r = a.http.get(format!("{}/api/v1/designs/{id}/files/{key}", a.base)).bearer_auth(&a.token).send().await.unwrap();
+    assert_eq!(r.headers()["content-type"], "model/step");
+    assert!(r.bytes().await.unwrap().as_ref() == file.as_slice(), "attachment read back differs");
+    let mut bigger = file.clone();
+    bigger.push(0);
+    let r = a.http.put(&url).bearer_auth(&a.token).body(bigger).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 413);
+    let (_, d) = a.call("GET", &format!("/api/v1/designs/{id}"), None).await;
+    assert_eq!(d["attachments"][&key]["size"], cofab_protocol::model::MAX_ATTACHMENT_BYTES);
     let (s, h) = a.call("GET", &format!("/api/v1/docs/{id}/heads"), None).await;
     assert_eq!(s, 200);
     assert_eq!(h["heads"], d["heads"]);

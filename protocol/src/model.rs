@@ -1050,6 +1050,66 @@ pub fn set_parameter(doc: &mut Document, author: &Keypair, now_ms: i64, name: &s
     Ok(acc)
 }
 
+/// Largest attachment (drawing, STEP file) stored in a design, in bytes.
+pub const MAX_ATTACHMENT_BYTES: usize = 4 * 1024 * 1024;
+
+/// Adds a file to a design. Content-addressed: the key is the SHA-256 of the bytes (hex),
+/// so the same file added twice is stored once. Returns the key.
+pub fn add_attachment(
+    doc: &mut Document,
+    author: &Keypair,
+    now_ms: i64,
+    name: &str,
+    media_type: &str,
+    bytes: &[u8],
+) -> Result<(String, Accepted), EditError> {
+    use sha2::Digest;
+    check_text("name", name, true)?;
+    if bytes.is_empty() {
+        return Err(invalid("content", "empty file"));
+    }
+    if bytes.len() > MAX_ATTACHMENT_BYTES {
+        return Err(invalid("content", format!("{} bytes is over the {MAX_ATTACHMENT_BYTES}-byte limit", bytes.len())));
+    }
+    let key: String = sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect();
+    let me = author.id().to_string();
+    let (_, acc) = doc.edit(author, now_ms, |tx| {
+        let atts = get_obj_tx(tx, "attachments")?;
+        let a = tx.put_object(&atts, key.as_str(), ObjType::Map)?;
+        tx.put(&a, "name", name)?;
+        tx.put(&a, "media_type", media_type)?;
+        tx.put(&a, "size", bytes.len() as u64)?;
+        tx.put(&a, "by", me.as_str())?;
+        tx.put(&a, "content", ScalarValue::Bytes(bytes.to_vec()))?;
+        Ok(())
+    })?;
+    Ok((key, acc))
+}
+
+/// An attachment's bytes, by its key.
+pub fn attachment_content(doc: &Document, key: &str) -> Option<(String, Vec<u8>)> {
+    let d = doc.automerge();
+    let a = get_obj(d, &get_obj(d, &ROOT, "attachments")?, key)?;
+    let media = get_str(d, &a, "media_type").unwrap_or_else(|| "application/octet-stream".into());
+    match get_scalar(d, &a, "content")? {
+        ScalarValue::Bytes(b) => Some((media, b)),
+        _ => None,
+    }
+}
+
+/// An attachment as listed (without its bytes).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct AttachmentView {
+    /// File name.
+    pub name: String,
+    /// Media type.
+    pub media_type: Option<String>,
+    /// Size in bytes.
+    pub size: Option<u64>,
+    /// Who added it.
+    pub by: Option<String>,
+}
+
 /// Releases a revision: pins the current heads under `name` (owner or approver).
 pub fn release(doc: &mut Document, author: &Keypair, now_ms: i64, name: &str) -> Result<Accepted, EditError> {
     check_text("name", name, true)?;
@@ -1109,6 +1169,8 @@ pub struct DesignView {
     pub comments: Vec<CommentView>,
     /// Releases.
     pub releases: Vec<ReleaseView>,
+    /// Attachments by content key (SHA-256 hex).
+    pub attachments: BTreeMap<String, AttachmentView>,
     /// Members and roles.
     pub members: BTreeMap<String, String>,
     /// Heads.
@@ -1146,6 +1208,12 @@ pub fn design_view(doc: &Document) -> Option<DesignView> {
         parameters,
         comments: comments_view(d, "comments"),
         releases,
+        attachments: map_keys(d, &ROOT, "attachments")
+            .into_iter()
+            .map(|(k, a)| {
+                (k, AttachmentView { name: get_str(d, &a, "name").unwrap_or_default(), media_type: get_str(d, &a, "media_type"), size: get_u64(d, &a, "size"), by: get_str(d, &a, "by") })
+            })
+            .collect(),
         members: members_view(doc),
         heads: hex_heads(&d.get_heads()),
         changes: doc.change_count(),
