@@ -129,6 +129,15 @@ pub fn enterprise_of(peer: &PeerId) -> Option<EnterpriseId> {
 
 /// Builds the swarm for `key`.
 pub fn build_swarm(key: &Keypair, enable_mdns: bool) -> Result<Swarm<Behaviour>, Box<dyn std::error::Error + Send + Sync>> {
+    build_swarm_with_limit(key, enable_mdns, MAX_CONNECTIONS)
+}
+
+/// Builds the swarm for `key` with at most `max_connections` established connections.
+pub fn build_swarm_with_limit(
+    key: &Keypair,
+    enable_mdns: bool,
+    max_connections: u32,
+) -> Result<Swarm<Behaviour>, Box<dyn std::error::Error + Send + Sync>> {
     let swarm = libp2p::SwarmBuilder::with_existing_identity(libp2p_keypair(key))
         .with_tokio()
         .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)?
@@ -151,7 +160,7 @@ pub fn build_swarm(key: &Keypair, enable_mdns: bool) -> Result<Swarm<Behaviour>,
             Ok(Behaviour {
                 limits: connection_limits::Behaviour::new(
                     connection_limits::ConnectionLimits::default()
-                        .with_max_established(Some(MAX_CONNECTIONS))
+                        .with_max_established(Some(max_connections))
                         .with_max_established_per_peer(Some(MAX_CONNECTIONS_PER_PEER)),
                 ),
                 sync: request_response::Behaviour::with_codec(

@@ -99,6 +99,8 @@ pub struct NodeConfig {
     pub tick: Duration,
     /// Enterprises whose security alerts we act on: a peer they report is banned here.
     pub trust_alerts_from: std::collections::BTreeSet<EnterpriseId>,
+    /// Most established connections in total.
+    pub max_connections: u32,
 }
 
 impl NodeConfig {
@@ -114,6 +116,7 @@ impl NodeConfig {
             fetch: FetchPolicy::default(),
             tick: Duration::from_millis(1000),
             trust_alerts_from: Default::default(),
+            max_connections: network::MAX_CONNECTIONS,
         }
     }
 }
@@ -426,7 +429,7 @@ impl Node {
                 .map_err(|e| NodeError::Start(format!("loading document {id}: {e}")))?;
             replica.load(doc);
         }
-        let mut swarm = network::build_swarm(&config.key, config.mdns).map_err(|e| NodeError::Start(e.to_string()))?;
+        let mut swarm = network::build_swarm_with_limit(&config.key, config.mdns, config.max_connections).map_err(|e| NodeError::Start(e.to_string()))?;
         let topic = gossipsub::IdentTopic::new(network::ANNOUNCE_TOPIC);
         swarm.behaviour_mut().gossip.subscribe(&topic).map_err(|e| NodeError::Start(e.to_string()))?;
         let alerts_topic = gossipsub::IdentTopic::new(network::ALERTS_TOPIC);
