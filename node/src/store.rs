@@ -103,7 +103,13 @@ impl Store {
     }
 
     /// Applies a group of writes and makes them durable before returning.
+    ///
+    /// The changes (and signatures) a group adds to one document are stored as one sled
+    /// record each (length-prefixed blobs), not one key per change: far less for sled to
+    /// write and flush when many small changes arrive together.
     pub fn apply(&self, writes: &[Write]) -> Result<(), StoreError> {
+        let mut changes: std::collections::BTreeMap<DocId, Vec<u8>> = Default::default();
+        let mut sigs: std::collections::BTreeMap<DocId, Vec<u8>> = Default::default();
         for w in writes {
             match w {
                 Write::Doc { doc, genesis, accepted } => {
@@ -113,27 +119,27 @@ impl Store {
                         self.genesis.insert(doc.as_bytes(), v)?;
                     }
                     if let Some(s) = &accepted.snapshot {
+                        // The snapshot holds every change so far, buffered ones included.
+                        changes.remove(doc);
                         self.drop_changes(doc)?;
                         self.snapshots.insert(doc.as_bytes(), s.as_slice())?;
                     }
-                    let mut batch = sled::Batch::default();
+                    let blob = changes.entry(*doc).or_default();
                     for c in &accepted.changes {
-                        let mut key = doc.as_bytes().to_vec();
-                        key.extend_from_slice(&self.db.generate_id()?.to_be_bytes());
-                        batch.insert(key, c.as_slice());
+                        blob.extend_from_slice(&(c.len() as u32).to_be_bytes());
+                        blob.extend_from_slice(c);
                     }
-                    self.changes.apply_batch(batch)?;
-                    let mut batch = sled::Batch::default();
-                    for (h, s) in &accepted.sigs {
-                        let mut key = doc.as_bytes().to_vec();
-                        key.extend_from_slice(h.as_ref());
-                        batch.insert(key, s.as_slice());
+                    let sblob = sigs.entry(*doc).or_default();
+                    for (h, sig) in &accepted.sigs {
+                        sblob.extend_from_slice(h.as_ref());
+                        sblob.extend_from_slice(sig);
                     }
-                    self.sigs.apply_batch(batch)?;
                 }
                 Write::Compact { doc, snapshot } => {
                     // Insert the snapshot first: a crash in between leaves snapshot + changes
-                    // it already contains, which load applies idempotently.
+                    // it already contains, which load applies idempotently. Changes buffered
+                    // in this group are covered by the snapshot (taken after them).
+                    changes.remove(doc);
                     self.snapshots.insert(doc.as_bytes(), snapshot.as_slice())?;
                     self.drop_changes(doc)?;
                 }
@@ -141,6 +147,18 @@ impl Store {
                     self.settings.insert(key.as_bytes(), value.as_slice())?;
                 }
             }
+        }
+        for (tree, blobs) in [(&self.changes, changes), (&self.sigs, sigs)] {
+            let mut batch = sled::Batch::default();
+            for (doc, blob) in blobs {
+                if blob.is_empty() {
+                    continue;
+                }
+                let mut key = doc.as_bytes().to_vec();
+                key.extend_from_slice(&self.db.generate_id()?.to_be_bytes());
+                batch.insert(key, blob);
+            }
+            tree.apply_batch(batch)?;
         }
         self.sync()
     }
@@ -194,28 +212,37 @@ impl Store {
             let sig: [u8; 64] = v[..64].try_into().expect("length checked");
             let genesis = SignedGenesis::from_parts(v[64..].to_vec(), sig).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             let snapshot = self.snapshots.get(&k)?.map(|v| v.to_vec());
-            let changes = self
-                .changes
-                .scan_prefix(&k)
-                .map(|kv| kv.map(|(_, v)| v.to_vec()))
-                .collect::<Result<Vec<_>, _>>()?;
+            let mut changes = Vec::new();
+            for kv in self.changes.scan_prefix(&k) {
+                let (_, blob) = kv?;
+                let mut rest = &blob[..];
+                while !rest.is_empty() {
+                    if rest.len() < 4 {
+                        return Err(StoreError::Corrupt("change record".into()));
+                    }
+                    let n = u32::from_be_bytes(rest[..4].try_into().expect("len")) as usize;
+                    if rest.len() < 4 + n {
+                        return Err(StoreError::Corrupt("change record".into()));
+                    }
+                    changes.push(rest[4..4 + n].to_vec());
+                    rest = &rest[4 + n..];
+                }
+            }
             let mut sigs = Vec::new();
             for kv in self.sigs.scan_prefix(&k) {
-                let (sk, sv) = kv?;
-                if sk.len() != 48 || sv.len() != 64 {
+                let (_, blob) = kv?;
+                if blob.len() % 96 != 0 {
                     return Err(StoreError::Corrupt("signature record".into()));
                 }
-                sigs.push((ChangeHash(sk[16..].try_into().expect("len")), sv[..].try_into().expect("len")));
+                for rec in blob.chunks(96) {
+                    sigs.push((ChangeHash(rec[..32].try_into().expect("len")), rec[32..].try_into().expect("len")));
+                }
             }
             out.push(StoredDoc { genesis, snapshot, changes, sigs });
         }
         Ok(out)
     }
 
-    /// Number of incremental changes stored for a document.
-    pub fn change_count(&self, doc: &DocId) -> usize {
-        self.changes.scan_prefix(doc.as_bytes()).count()
-    }
 
     /// Bytes on disk.
     pub fn size_on_disk(&self) -> u64 {
