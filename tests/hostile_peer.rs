@@ -15,15 +15,19 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
 use cofab_node::libp2p::futures::StreamExt as _;
 use cofab_node::libp2p::swarm::SwarmEvent;
 use cofab_node::libp2p::{self, request_response, Multiaddr, PeerId};
 use cofab_node::network::{build_swarm, BehaviourEvent, SYNC_PROTOCOL};
 use cofab_node::node::BAN_STANDING;
 use cofab_protocol::model::{self, BidInput, CapacityInput, OrderInput};
-use cofab_protocol::wire::{Announcement, Frame, Payload, SyncMessage, MAX_FRAME_BYTES, WIRE_VERSION};
-use cofab_protocol::{ChangeBatch, Clock, DecodeError, DocId, Document, Keypair, Kind, Role, Visibility};
+use cofab_protocol::wire::{
+    Announcement, Frame, Payload, SyncMessage, MAX_FRAME_BYTES, WIRE_VERSION,
+};
+use cofab_protocol::{
+    ChangeBatch, Clock, DecodeError, DocId, Document, Keypair, Kind, Role, Visibility,
+};
+use common::*;
 use tokio::sync::{mpsc, oneshot};
 
 /// Standing lost per refused message (README: −5 per refused input).
@@ -65,7 +69,10 @@ impl Hostile {
         let seen = Arc::new(Mutex::new(Seen::default()));
         let s = seen.clone();
         tokio::spawn(async move {
-            let mut pending: BTreeMap<request_response::OutboundRequestId, oneshot::Sender<Result<u8, String>>> = BTreeMap::new();
+            let mut pending: BTreeMap<
+                request_response::OutboundRequestId,
+                oneshot::Sender<Result<u8, String>>,
+            > = BTreeMap::new();
             loop {
                 tokio::select! {
                     cmd = rx.recv() => match cmd {
@@ -108,14 +115,22 @@ impl Hostile {
                 }
             }
         });
-        Hostile { key, peer_id, tx, seen }
+        Hostile {
+            key,
+            peer_id,
+            tx,
+            seen,
+        }
     }
 
     /// Sends one frame and waits for the node's answer (it answers before it processes the
     /// frame, on the same event-loop turn, so once the answer is here the frame was handled).
     async fn send(&self, bytes: Vec<u8>) -> Result<u8, String> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(Cmd::Send(bytes, tx)).await.expect("hostile task alive");
+        self.tx
+            .send(Cmd::Send(bytes, tx))
+            .await
+            .expect("hostile task alive");
         rx.await.expect("hostile task answers")
     }
 
@@ -125,7 +140,13 @@ impl Hostile {
         let me = self.peer_id.to_string();
         wait_until(DEADLINE, || {
             let me = me.clone();
-            async move { victim.handle().read(move |c| c.peers.iter().any(|p| p.peer_id == me)).await.unwrap() }
+            async move {
+                victim
+                    .handle()
+                    .read(move |c| c.peers.iter().any(|p| p.peer_id == me))
+                    .await
+                    .unwrap()
+            }
         })
         .await;
     }
@@ -150,28 +171,79 @@ struct Setting {
 }
 
 async fn holdings(node: &TestNode) -> BTreeMap<DocId, Vec<String>> {
-    node.handle().read(|c| c.replica.docs().map(|d| (d.id(), d.heads().iter().map(|h| h.to_string()).collect())).collect()).await.unwrap()
+    node.handle()
+        .read(|c| {
+            c.replica
+                .docs()
+                .map(|d| (d.id(), d.heads().iter().map(|h| h.to_string()).collect()))
+                .collect()
+        })
+        .await
+        .unwrap()
 }
 
 async fn setting(test: &str) -> Setting {
     let mut net = start_net(test, 2).await;
     let honest = net.pop().unwrap();
     let victim = net.pop().unwrap();
-    let o = OrderInput { title: "Pin, hardened".into(), quantity: 1000, visibility: Visibility::Public, ..Default::default() };
-    let honest_order = honest.handle().create(move |kp, now, n| model::create_order(kp, &o, now, n)).await.unwrap();
-    let o = OrderInput { title: "Sleeve".into(), quantity: 40, visibility: Visibility::Public, ..Default::default() };
-    let own_order = victim.handle().create(move |kp, now, n| model::create_order(kp, &o, now, n)).await.unwrap();
-    let c = CapacityInput { name: "Victim AG".into(), ..Default::default() };
-    let capacity = victim.handle().create(move |kp, now, n| model::create_capacity(kp, &c, now, n)).await.unwrap();
-    let mut o = OrderInput { title: "Secret prototype".into(), quantity: 3, visibility: Visibility::Members, ..Default::default() };
+    let o = OrderInput {
+        title: "Pin, hardened".into(),
+        quantity: 1000,
+        visibility: Visibility::Public,
+        ..Default::default()
+    };
+    let honest_order = honest
+        .handle()
+        .create(move |kp, now, n| model::create_order(kp, &o, now, n))
+        .await
+        .unwrap();
+    let o = OrderInput {
+        title: "Sleeve".into(),
+        quantity: 40,
+        visibility: Visibility::Public,
+        ..Default::default()
+    };
+    let own_order = victim
+        .handle()
+        .create(move |kp, now, n| model::create_order(kp, &o, now, n))
+        .await
+        .unwrap();
+    let c = CapacityInput {
+        name: "Victim AG".into(),
+        ..Default::default()
+    };
+    let capacity = victim
+        .handle()
+        .create(move |kp, now, n| model::create_capacity(kp, &c, now, n))
+        .await
+        .unwrap();
+    let mut o = OrderInput {
+        title: "Secret prototype".into(),
+        quantity: 3,
+        visibility: Visibility::Members,
+        ..Default::default()
+    };
     o.members.insert(honest.key.id(), Role::Supplier);
-    let members_order = victim.handle().create(move |kp, now, n| model::create_order(kp, &o, now, n)).await.unwrap();
+    let members_order = victim
+        .handle()
+        .create(move |kp, now, n| model::create_order(kp, &o, now, n))
+        .await
+        .unwrap();
     for d in [honest_order, own_order, capacity, members_order] {
         wait_converged(&[&victim, &honest], d).await;
     }
     let before = holdings(&victim).await;
     assert_eq!(before.len(), 4);
-    Setting { victim, honest, honest_order, own_order, capacity, members_order, before, comments: 0 }
+    Setting {
+        victim,
+        honest,
+        honest_order,
+        own_order,
+        capacity,
+        members_order,
+        before,
+        comments: 0,
+    }
 }
 
 impl Setting {
@@ -181,24 +253,44 @@ impl Setting {
         self.comments += 1;
         let text = format!("honest note {}", self.comments);
         let t = Instant::now();
-        self.honest.handle().edit(id, move |d, kp, now| model::comment(d, kp, now, &text)).await.unwrap();
+        self.honest
+            .handle()
+            .edit(id, move |d, kp, now| model::comment(d, kp, now, &text))
+            .await
+            .unwrap();
         wait_converged(&[&self.victim, &self.honest], id).await;
         t.elapsed()
     }
 
     async fn rejected(&self) -> BTreeMap<String, u64> {
-        self.victim.handle().read(|c| c.rejected.clone()).await.unwrap()
+        self.victim
+            .handle()
+            .read(|c| c.rejected.clone())
+            .await
+            .unwrap()
     }
 
     async fn standing(&self, peer: PeerId) -> Option<i64> {
         let p = peer.to_string();
-        self.victim.handle().read(move |c| c.peers.iter().find(|x| x.peer_id == p).map(|x| x.standing)).await.unwrap()
+        self.victim
+            .handle()
+            .read(move |c| c.peers.iter().find(|x| x.peer_id == p).map(|x| x.standing))
+            .await
+            .unwrap()
     }
 
     /// Sends `frames` (each must be refused with the given reason) from a fresh hostile
     /// peer, checking counters and standing after each; the last one must get it banned.
-    async fn strike_out(&mut self, hostile: &Hostile, frames: Vec<(Vec<u8>, &'static str)>) -> usize {
-        assert_eq!(frames.len(), STRIKES_TO_BAN, "each attacker gets exactly enough strikes to be banned");
+    async fn strike_out(
+        &mut self,
+        hostile: &Hostile,
+        frames: Vec<(Vec<u8>, &'static str)>,
+    ) -> usize {
+        assert_eq!(
+            frames.len(),
+            STRIKES_TO_BAN,
+            "each attacker gets exactly enough strikes to be banned"
+        );
         hostile.connect(&self.victim).await;
         assert_eq!(self.standing(hostile.peer_id).await, Some(0));
         let mut tried = 0;
@@ -208,16 +300,30 @@ impl Setting {
             tried += 1;
             // The refusal is counted once the node handled the frame: wait for the counter.
             let want = before.get(reason).copied().unwrap_or(0) + 1;
-            wait_until(DEADLINE, || async { self.rejected().await.get(reason).copied().unwrap_or(0) >= want }).await;
+            wait_until(DEADLINE, || async {
+                self.rejected().await.get(reason).copied().unwrap_or(0) >= want
+            })
+            .await;
             let after = self.rejected().await;
-            assert_eq!(diff(&before, &after), BTreeMap::from([(reason.to_string(), 1)]), "message {k} (answer {r:?}): exactly one rejection, as {reason}");
+            assert_eq!(
+                diff(&before, &after),
+                BTreeMap::from([(reason.to_string(), 1)]),
+                "message {k} (answer {r:?}): exactly one rejection, as {reason}"
+            );
             let strikes = k as i64 + 1;
             if strikes as usize == STRIKES_TO_BAN {
                 // Past the threshold: disconnected and banned.
                 let me = hostile.peer_id;
-                wait_until(DEADLINE, || async { self.standing(me).await.is_none() && !hostile.seen.lock().unwrap().connected }).await;
+                wait_until(DEADLINE, || async {
+                    self.standing(me).await.is_none() && !hostile.seen.lock().unwrap().connected
+                })
+                .await;
             } else {
-                assert_eq!(self.standing(hostile.peer_id).await, Some(-STRIKE * strikes), "standing after {strikes} bad messages");
+                assert_eq!(
+                    self.standing(hostile.peer_id).await,
+                    Some(-STRIKE * strikes),
+                    "standing after {strikes} bad messages"
+                );
             }
             // The honest peer is still served.
             let lat = self.honest_round_trip().await;
@@ -233,30 +339,60 @@ impl Setting {
         let closed = hostile.seen.lock().unwrap().closed;
         let addr = self.victim.handle().listen_addrs().await.unwrap()[0].clone();
         hostile.tx.send(Cmd::Dial(addr)).await.unwrap();
-        wait_until(DEADLINE, || async { hostile.seen.lock().unwrap().closed > closed }).await;
+        wait_until(DEADLINE, || async {
+            hostile.seen.lock().unwrap().closed > closed
+        })
+        .await;
         for _ in 0..3 {
             let _ = hostile.send(vec![WIRE_VERSION, 0xee]).await;
         }
-        assert_eq!(self.standing(hostile.peer_id).await, None, "a banned peer is not a peer");
-        assert_eq!(self.rejected().await, counted, "frames of a banned peer were handled");
+        assert_eq!(
+            self.standing(hostile.peer_id).await,
+            None,
+            "a banned peer is not a peer"
+        );
+        assert_eq!(
+            self.rejected().await,
+            counted,
+            "frames of a banned peer were handled"
+        );
     }
 
     /// The attack changed nothing but what the honest peer did; the store agrees.
     async fn finish(self, attackers: &[&Hostile]) {
         let now = holdings(&self.victim).await;
-        assert_eq!(now.keys().collect::<Vec<_>>(), self.before.keys().collect::<Vec<_>>(), "the set of documents changed");
+        assert_eq!(
+            now.keys().collect::<Vec<_>>(),
+            self.before.keys().collect::<Vec<_>>(),
+            "the set of documents changed"
+        );
         for (d, h) in &self.before {
             if *d != self.honest_order {
                 assert_eq!(&now[d], h, "document {d} changed under attack");
             }
         }
-        assert_eq!(now[&self.honest_order], heads(&self.honest, self.honest_order).await);
-        let v = self.victim.handle().read({ let id = self.honest_order; move |c| c.replica.doc(&id).and_then(model::order_view) }).await.unwrap().unwrap();
+        assert_eq!(
+            now[&self.honest_order],
+            heads(&self.honest, self.honest_order).await
+        );
+        let v = self
+            .victim
+            .handle()
+            .read({
+                let id = self.honest_order;
+                move |c| c.replica.doc(&id).and_then(model::order_view)
+            })
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(v.discussion.len(), self.comments, "honest comments lost");
         assert!(v.bids.is_empty(), "a hostile bid got in: {:?}", v.bids);
         for a in attackers {
             let seen = a.seen.lock().unwrap();
-            assert!(!seen.docs.contains(&self.members_order), "the members order reached a non-member");
+            assert!(
+                !seen.docs.contains(&self.members_order),
+                "the members order reached a non-member"
+            );
         }
         self.victim.handle().shutdown().await;
         let _ = self.victim.node.task.await;
@@ -266,11 +402,15 @@ impl Setting {
             .unwrap()
             .into_iter()
             .map(|s| {
-                let d = Document::load_trusted(s.genesis, s.snapshot.as_deref(), s.changes, s.sigs).unwrap();
+                let d = Document::load_trusted(s.genesis, s.snapshot.as_deref(), s.changes, s.sigs)
+                    .unwrap();
                 (d.id(), d.heads().iter().map(|h| h.to_string()).collect())
             })
             .collect();
-        assert_eq!(stored, now, "stored documents differ from what the node held");
+        assert_eq!(
+            stored, now,
+            "stored documents differ from what the node held"
+        );
         self.honest.handle().shutdown().await;
     }
 }
@@ -287,7 +427,12 @@ fn decode_reason(bytes: &[u8]) -> &'static str {
 }
 
 fn frames(list: Vec<Vec<u8>>) -> Vec<(Vec<u8>, &'static str)> {
-    list.into_iter().map(|b| { let r = decode_reason(&b); (b, r) }).collect()
+    list.into_iter()
+        .map(|b| {
+            let r = decode_reason(&b);
+            (b, r)
+        })
+        .collect()
 }
 
 /// A pseudo-random byte string (xorshift; no extra dependency).
@@ -306,9 +451,33 @@ fn noise(seed: u64, len: usize) -> Vec<u8> {
 /// A real sync frame of the victim's own order, as the node would send it.
 async fn real_frame(s: &Setting) -> Vec<u8> {
     let id = s.own_order;
-    let doc = s.victim.handle().read(move |c| c.replica.doc(&id).cloned()).await.unwrap().unwrap();
-    let batch = ChangeBatch { changes: doc.automerge().get_changes(&[]).iter().map(|c| c.raw_bytes().to_vec()).collect(), sigs: doc.signatures().map(|(h, s)| (*h, *s)).collect() };
-    let msg = SyncMessage { doc: id, genesis: Some((doc.signed_genesis().bytes().to_vec(), doc.signed_genesis().signature())), clock: doc.clock(), heads: doc.heads(), payload: Payload::Changes(batch), decline: false };
+    let doc = s
+        .victim
+        .handle()
+        .read(move |c| c.replica.doc(&id).cloned())
+        .await
+        .unwrap()
+        .unwrap();
+    let batch = ChangeBatch {
+        changes: doc
+            .automerge()
+            .get_changes(&[])
+            .iter()
+            .map(|c| c.raw_bytes().to_vec())
+            .collect(),
+        sigs: doc.signatures().map(|(h, s)| (*h, *s)).collect(),
+    };
+    let msg = SyncMessage {
+        doc: id,
+        genesis: Some((
+            doc.signed_genesis().bytes().to_vec(),
+            doc.signed_genesis().signature(),
+        )),
+        clock: doc.clock(),
+        heads: doc.heads(),
+        payload: Payload::Changes(batch),
+        decline: false,
+    };
     Frame::Sync(vec![msg]).encode()
 }
 
@@ -319,7 +488,10 @@ async fn real_frame(s: &Setting) -> Vec<u8> {
 async fn malformed_frames_are_counted_and_the_sender_banned() {
     let mut s = setting("hostile_frames").await;
     let target = s.victim.handle().info.peer_id;
-    println!("  honest sync before the attack: {:?}", s.honest_round_trip().await);
+    println!(
+        "  honest sync before the attack: {:?}",
+        s.honest_round_trip().await
+    );
     let real = real_frame(&s).await;
     let mut tried = 0;
 
@@ -336,12 +508,25 @@ async fn malformed_frames_are_counted_and_the_sender_banned() {
     let truncated = Hostile::spawn(test_key("hostile_frames", 11), target);
     let cuts = [3, 20, real.len() / 2, real.len() - 1];
     let list = frames(cuts.iter().map(|&n| real[..n].to_vec()).collect());
-    assert!(list.iter().all(|(_, r)| *r == "truncated"), "cuts: {:?}", list.iter().map(|x| x.1).collect::<Vec<_>>());
+    assert!(
+        list.iter().all(|(_, r)| *r == "truncated"),
+        "cuts: {:?}",
+        list.iter().map(|x| x.1).collect::<Vec<_>>()
+    );
     tried += s.strike_out(&truncated, list).await;
 
     // Unknown versions: the real frame with versions 0, 2, 9, 255.
     let versions = Hostile::spawn(test_key("hostile_frames", 12), target);
-    let list = frames([0u8, 2, 9, 255].iter().map(|&v| { let mut f = real.clone(); f[0] = v; f }).collect());
+    let list = frames(
+        [0u8, 2, 9, 255]
+            .iter()
+            .map(|&v| {
+                let mut f = real.clone();
+                f[0] = v;
+                f
+            })
+            .collect(),
+    );
     assert!(list.iter().all(|(_, r)| *r == "unknown_version"));
     tried += s.strike_out(&versions, list).await;
 
@@ -350,12 +535,23 @@ async fn malformed_frames_are_counted_and_the_sender_banned() {
 }
 
 fn oversized_lengths() -> [usize; 4] {
-    [MAX_FRAME_BYTES + 1, MAX_FRAME_BYTES * 2, u32::MAX as usize, MAX_FRAME_BYTES + 4096]
+    [
+        MAX_FRAME_BYTES + 1,
+        MAX_FRAME_BYTES * 2,
+        u32::MAX as usize,
+        MAX_FRAME_BYTES + 4096,
+    ]
 }
 
 /// Rejections in `after` beyond `before`, by reason.
 fn diff(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
-    after.iter().filter_map(|(k, v)| { let d = v - before.get(k).copied().unwrap_or(0); (d > 0).then(|| (k.clone(), d)) }).collect()
+    after
+        .iter()
+        .filter_map(|(k, v)| {
+            let d = v - before.get(k).copied().unwrap_or(0);
+            (d > 0).then(|| (k.clone(), d))
+        })
+        .collect()
 }
 
 /// Frames over 16 MiB are counted as `oversized` and get their sender banned like any
@@ -365,7 +561,10 @@ async fn oversized_frames_are_counted_and_the_sender_banned() {
     let mut s = setting("hostile_oversized").await;
     let target = s.victim.handle().info.peer_id;
     let big = Hostile::spawn_liar(test_key("hostile_oversized", 13), target);
-    let list = oversized_lengths().iter().map(|&n| ((n as u32).to_be_bytes().to_vec(), "oversized")).collect();
+    let list = oversized_lengths()
+        .iter()
+        .map(|&n| ((n as u32).to_be_bytes().to_vec(), "oversized"))
+        .collect();
     s.strike_out(&big, list).await;
     s.finish(&[&big]).await;
 }
@@ -381,35 +580,95 @@ async fn forged_and_unauthorised_sync_is_refused() {
     let victim = s.victim.handle().clone();
     let doc_of = |id: DocId| {
         let v = victim.clone();
-        async move { v.read(move |c| c.replica.doc(&id).cloned()).await.unwrap().unwrap() }
+        async move {
+            v.read(move |c| c.replica.doc(&id).cloned())
+                .await
+                .unwrap()
+                .unwrap()
+        }
     };
-    let bid = BidInput { unit_price: 0.01, currency: "EUR".into(), lead_time_days: 1, ..Default::default() };
-    let changes_msg = |doc: DocId, batch: ChangeBatch| Frame::Sync(vec![SyncMessage { doc, genesis: None, clock: Clock::new(), heads: vec![], payload: Payload::Changes(batch), decline: false }]).encode();
+    let bid = BidInput {
+        unit_price: 0.01,
+        currency: "EUR".into(),
+        lead_time_days: 1,
+        ..Default::default()
+    };
+    let changes_msg = |doc: DocId, batch: ChangeBatch| {
+        Frame::Sync(vec![SyncMessage {
+            doc,
+            genesis: None,
+            clock: Clock::new(),
+            heads: vec![],
+            payload: Payload::Changes(batch),
+            decline: false,
+        }])
+        .encode()
+    };
 
     // 1. Asks for the members order as if it could hold it.
-    let ask = Frame::Sync(vec![SyncMessage { doc: s.members_order, genesis: None, clock: Clock::new(), heads: vec![], payload: Payload::None, decline: false }]).encode();
+    let ask = Frame::Sync(vec![SyncMessage {
+        doc: s.members_order,
+        genesis: None,
+        clock: Clock::new(),
+        heads: vec![],
+        payload: Payload::None,
+        decline: false,
+    }])
+    .encode();
     // 2. A bid on the honest order signed with someone else's key.
     let mut d = doc_of(s.honest_order).await;
     let acc = model::place_bid(&mut d, &attacker.key, 1, &bid).unwrap();
     let hash = acc.sigs[0].0;
     let forger = Keypair::from_secret([0x42; 32]);
-    let forged = changes_msg(s.honest_order, ChangeBatch { changes: acc.changes, sigs: vec![(hash, forger.sign_change(&s.honest_order, &hash).to_bytes())] });
+    let forged = changes_msg(
+        s.honest_order,
+        ChangeBatch {
+            changes: acc.changes,
+            sigs: vec![(hash, forger.sign_change(&s.honest_order, &hash).to_bytes())],
+        },
+    );
     // 3. A bid on the victim's own order without a signature.
     let mut d = doc_of(s.own_order).await;
     let acc = model::place_bid(&mut d, &attacker.key, 1, &bid).unwrap();
-    let unsigned = changes_msg(s.own_order, ChangeBatch { changes: acc.changes.clone(), sigs: vec![] });
+    let unsigned = changes_msg(
+        s.own_order,
+        ChangeBatch {
+            changes: acc.changes.clone(),
+            sigs: vec![],
+        },
+    );
     // 4. That bid, signed, replayed into the victim's capacity document.
-    let replayed = changes_msg(s.capacity, ChangeBatch { changes: acc.changes, sigs: acc.sigs });
-    let list = vec![(ask, "not_allowed"), (forged, "bad_signature"), (unsigned, "unsigned"), (replayed, "wrong_document")];
+    let replayed = changes_msg(
+        s.capacity,
+        ChangeBatch {
+            changes: acc.changes,
+            sigs: acc.sigs,
+        },
+    );
+    let list = vec![
+        (ask, "not_allowed"),
+        (forged, "bad_signature"),
+        (unsigned, "unsigned"),
+        (replayed, "wrong_document"),
+    ];
     let tried = s.strike_out(&attacker, list).await;
-    println!("hostile sync: {tried} forged/unauthorised messages, all counted, 1 ban; rejected = {:?}", s.rejected().await);
+    println!(
+        "hostile sync: {tried} forged/unauthorised messages, all counted, 1 ban; rejected = {:?}",
+        s.rejected().await
+    );
     s.finish(&[&attacker]).await;
 }
 
 fn latency(v: &[Duration]) -> String {
     let mut v = v.to_vec();
     v.sort();
-    format!("{} round trips, min {:?}, median {:?}, max {:?}", v.len(), v[0], v[v.len() / 2], v[v.len() - 1])
+    format!(
+        "{} round trips, min {:?}, median {:?}, max {:?}",
+        v.len(),
+        v[0],
+        v[v.len() / 2],
+        v[v.len() - 1]
+    )
 }
 
 /// Request `i` of a flood: an empty frame, a hello for a document that does not exist, or
@@ -418,13 +677,35 @@ fn flood_frame(i: usize, owner: cofab_protocol::EnterpriseId) -> Vec<u8> {
     let phantom = |seed: u64| DocId(noise(seed, 16).try_into().unwrap());
     match i % 3 {
         0 => Frame::Sync(vec![]).encode(),
-        1 => Frame::Sync(vec![SyncMessage { doc: phantom(i as u64 + 7), genesis: None, clock: Clock::new(), heads: vec![], payload: Payload::None, decline: false }]).encode(),
-        _ => Frame::Announce((0..8).map(|k| Announcement { doc: phantom((i * 8 + k) as u64 + 99), kind: Kind::Order, owner, changes: 5 }).collect()).encode(),
+        1 => Frame::Sync(vec![SyncMessage {
+            doc: phantom(i as u64 + 7),
+            genesis: None,
+            clock: Clock::new(),
+            heads: vec![],
+            payload: Payload::None,
+            decline: false,
+        }])
+        .encode(),
+        _ => Frame::Announce(
+            (0..8)
+                .map(|k| Announcement {
+                    doc: phantom((i * 8 + k) as u64 + 99),
+                    kind: Kind::Order,
+                    owner,
+                    changes: 5,
+                })
+                .collect(),
+        )
+        .encode(),
     }
 }
 
 /// Sends `frames` with at most `window` unanswered at a time; returns (answered, failures by error).
-async fn pump(h: &Hostile, frames: impl Iterator<Item = Vec<u8>>, window: usize) -> (usize, BTreeMap<String, usize>) {
+async fn pump(
+    h: &Hostile,
+    frames: impl Iterator<Item = Vec<u8>>,
+    window: usize,
+) -> (usize, BTreeMap<String, usize>) {
     let mut ok = 0;
     let mut errors: BTreeMap<String, usize> = BTreeMap::new();
     let mut inflight = std::collections::VecDeque::new();
@@ -469,7 +750,10 @@ async fn flood_of_requests_does_not_starve_an_honest_peer() {
     let frames_in = || metrics.frames_in.load(std::sync::atomic::Ordering::Relaxed);
 
     // Sustained.
-    let n: usize = std::env::var("COFAB_FLOOD_REQUESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(3000);
+    let n: usize = std::env::var("COFAB_FLOOD_REQUESTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3000);
     let before = frames_in();
     let done = std::sync::atomic::AtomicBool::new(false);
     let flood = async {
@@ -488,15 +772,32 @@ async fn flood_of_requests_does_not_starve_an_honest_peer() {
     let handled = frames_in() - before;
     println!("flood (sustained): {n} requests, {ok} answered, errors {errors:?}, {handled} frames handled by the node");
     println!("flood: honest sync latency quiet: {}", latency(&quiet));
-    println!("flood: honest sync latency during the sustained flood: {}", latency(&during));
-    assert_eq!(ok, n, "every request of a sustained flood is answered: {errors:?}");
-    assert!(handled as usize >= n, "the node handled {handled} of {n} requests");
-    assert!(s.standing(flooder.peer_id).await.is_some(), "the flooder is still connected");
+    println!(
+        "flood: honest sync latency during the sustained flood: {}",
+        latency(&during)
+    );
+    assert_eq!(
+        ok, n,
+        "every request of a sustained flood is answered: {errors:?}"
+    );
+    assert!(
+        handled as usize >= n,
+        "the node handled {handled} of {n} requests"
+    );
+    assert!(
+        s.standing(flooder.peer_id).await.is_some(),
+        "the flooder is still connected"
+    );
 
     // Burst: everything at once.
     let burst = 3000;
     let before = frames_in();
-    let (ok, errors) = pump(&flooder, (0..burst).map(|i| flood_frame(i + n, owner)), burst).await;
+    let (ok, errors) = pump(
+        &flooder,
+        (0..burst).map(|i| flood_frame(i + n, owner)),
+        burst,
+    )
+    .await;
     let handled = frames_in() - before;
     let (est, closed) = {
         let seen = flooder.seen.lock().unwrap();
@@ -520,22 +821,40 @@ impl request_response::Codec for Liar {
     type Request = Vec<u8>;
     type Response = u8;
 
-    async fn read_request<T: libp2p::futures::AsyncRead + Unpin + Send>(&mut self, _: &Self::Protocol, _: &mut T) -> std::io::Result<Vec<u8>> {
+    async fn read_request<T: libp2p::futures::AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &Self::Protocol,
+        _: &mut T,
+    ) -> std::io::Result<Vec<u8>> {
         Err(std::io::Error::other("the liar takes no requests"))
     }
-    async fn read_response<T: libp2p::futures::AsyncRead + Unpin + Send>(&mut self, _: &Self::Protocol, io: &mut T) -> std::io::Result<u8> {
+    async fn read_response<T: libp2p::futures::AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &Self::Protocol,
+        io: &mut T,
+    ) -> std::io::Result<u8> {
         use libp2p::futures::AsyncReadExt;
         let mut b = [0u8; 1];
         io.read_exact(&mut b).await?;
         Ok(b[0])
     }
-    async fn write_request<T: libp2p::futures::AsyncWrite + Unpin + Send>(&mut self, _: &Self::Protocol, io: &mut T, prefix: Vec<u8>) -> std::io::Result<()> {
+    async fn write_request<T: libp2p::futures::AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &Self::Protocol,
+        io: &mut T,
+        prefix: Vec<u8>,
+    ) -> std::io::Result<()> {
         use libp2p::futures::AsyncWriteExt;
         io.write_all(&prefix).await?;
         io.write_all(&noise(3, 64 * 1024)).await?;
         io.flush().await
     }
-    async fn write_response<T: libp2p::futures::AsyncWrite + Unpin + Send>(&mut self, _: &Self::Protocol, _: &mut T, _: u8) -> std::io::Result<()> {
+    async fn write_response<T: libp2p::futures::AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &Self::Protocol,
+        _: &mut T,
+        _: u8,
+    ) -> std::io::Result<()> {
         Ok(())
     }
 }
@@ -543,22 +862,34 @@ impl request_response::Codec for Liar {
 impl Hostile {
     /// A hostile peer whose only behaviour is the lying codec (tcp, noise, yamux as the node).
     fn spawn_liar(key: Keypair, target: PeerId) -> Hostile {
-        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(cofab_node::network::libp2p_keypair(&key))
-            .with_tokio()
-            .with_tcp(libp2p::tcp::Config::default().nodelay(true), libp2p::noise::Config::new, libp2p::yamux::Config::default)
-            .expect("tcp")
-            .with_behaviour(|_| {
-                request_response::Behaviour::with_codec(Liar, [(SYNC_PROTOCOL, request_response::ProtocolSupport::Outbound)], request_response::Config::default())
-            })
-            .expect("behaviour")
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-            .build();
+        let mut swarm =
+            libp2p::SwarmBuilder::with_existing_identity(cofab_node::network::libp2p_keypair(&key))
+                .with_tokio()
+                .with_tcp(
+                    libp2p::tcp::Config::default().nodelay(true),
+                    libp2p::noise::Config::new,
+                    libp2p::yamux::Config::default,
+                )
+                .expect("tcp")
+                .with_behaviour(|_| {
+                    request_response::Behaviour::with_codec(
+                        Liar,
+                        [(SYNC_PROTOCOL, request_response::ProtocolSupport::Outbound)],
+                        request_response::Config::default(),
+                    )
+                })
+                .expect("behaviour")
+                .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+                .build();
         let peer_id = *swarm.local_peer_id();
         let (tx, mut rx) = mpsc::channel::<Cmd>(1024);
         let seen = Arc::new(Mutex::new(Seen::default()));
         let s = seen.clone();
         tokio::spawn(async move {
-            let mut pending: BTreeMap<request_response::OutboundRequestId, oneshot::Sender<Result<u8, String>>> = BTreeMap::new();
+            let mut pending: BTreeMap<
+                request_response::OutboundRequestId,
+                oneshot::Sender<Result<u8, String>>,
+            > = BTreeMap::new();
             loop {
                 tokio::select! {
                     cmd = rx.recv() => match cmd {
@@ -591,6 +922,11 @@ impl Hostile {
                 }
             }
         });
-        Hostile { key, peer_id, tx, seen }
+        Hostile {
+            key,
+            peer_id,
+            tx,
+            seen,
+        }
     }
 }

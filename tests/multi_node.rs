@@ -2,9 +2,9 @@
 
 mod common;
 
-use common::*;
 use cofab_protocol::model::{self, OrderInput};
 use cofab_protocol::Visibility;
+use common::*;
 
 fn order(vis: Visibility) -> OrderInput {
     OrderInput {
@@ -23,9 +23,18 @@ fn order(vis: Visibility) -> OrderInput {
 async fn three_nodes_converge_on_a_public_order() {
     let nodes = start_net("three_nodes", 3).await;
     let input = order(Visibility::Public);
-    let id = nodes[0].handle().create(move |kp, now, nonce| model::create_order(kp, &input, now, nonce)).await.unwrap();
+    let id = nodes[0]
+        .handle()
+        .create(move |kp, now, nonce| model::create_order(kp, &input, now, nonce))
+        .await
+        .unwrap();
     wait_converged(&[&nodes[0], &nodes[1], &nodes[2]], id).await;
-    let view = nodes[2].handle().read(move |c| c.replica.doc(&id).and_then(model::order_view)).await.unwrap().unwrap();
+    let view = nodes[2]
+        .handle()
+        .read(move |c| c.replica.doc(&id).and_then(model::order_view))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(view.title, "Bracket, anodised aluminium");
     assert_eq!(view.owner, nodes[0].key.id().to_string());
     for n in nodes {
@@ -38,17 +47,32 @@ async fn three_nodes_converge_on_a_public_order() {
 async fn restarted_node_keeps_everything_and_resumes_sync() {
     let mut nodes = start_net("restart", 2).await;
     let input = order(Visibility::Public);
-    let id = nodes[0].handle().create(move |kp, now, nonce| model::create_order(kp, &input, now, nonce)).await.unwrap();
+    let id = nodes[0]
+        .handle()
+        .create(move |kp, now, nonce| model::create_order(kp, &input, now, nonce))
+        .await
+        .unwrap();
     wait_converged(&[&nodes[0], &nodes[1]], id).await;
     let before = heads(&nodes[1], id).await;
     let b = nodes.pop().unwrap();
     let b = restart(b).await;
     assert_eq!(heads(&b, id).await, before, "restart lost data");
     // The buyer changes the order while b is down... (b is back up now; reconnect and sync)
-    nodes[0].handle().edit(id, |d, kp, now| model::comment(d, kp, now, "drawing rev C attached")).await.unwrap();
+    nodes[0]
+        .handle()
+        .edit(id, |d, kp, now| {
+            model::comment(d, kp, now, "drawing rev C attached")
+        })
+        .await
+        .unwrap();
     connect(&b, &nodes[0]).await;
     wait_converged(&[&nodes[0], &b], id).await;
-    let v = b.handle().read(move |c| c.replica.doc(&id).and_then(model::order_view)).await.unwrap().unwrap();
+    let v = b
+        .handle()
+        .read(move |c| c.replica.doc(&id).and_then(model::order_view))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(v.discussion.len(), 1);
 }
 
@@ -57,11 +81,21 @@ async fn restarted_node_keeps_everything_and_resumes_sync() {
 async fn non_member_never_receives_members_order() {
     let nodes = start_net("privacy", 3).await;
     let mut input = order(Visibility::Members);
-    input.members.insert(nodes[1].key.id(), cofab_protocol::Role::Supplier);
-    let id = nodes[0].handle().create(move |kp, now, nonce| model::create_order(kp, &input, now, nonce)).await.unwrap();
+    input
+        .members
+        .insert(nodes[1].key.id(), cofab_protocol::Role::Supplier);
+    let id = nodes[0]
+        .handle()
+        .create(move |kp, now, nonce| model::create_order(kp, &input, now, nonce))
+        .await
+        .unwrap();
     // A public order created after it, as a marker that sync has happened.
     let marker_input = order(Visibility::Public);
-    let marker = nodes[0].handle().create(move |kp, now, nonce| model::create_order(kp, &marker_input, now, nonce)).await.unwrap();
+    let marker = nodes[0]
+        .handle()
+        .create(move |kp, now, nonce| model::create_order(kp, &marker_input, now, nonce))
+        .await
+        .unwrap();
     wait_converged(&[&nodes[0], &nodes[1]], id).await;
     wait_converged(&[&nodes[0], &nodes[1], &nodes[2]], marker).await;
     assert!(heads(&nodes[2], id).await.is_empty());
@@ -69,29 +103,75 @@ async fn non_member_never_receives_members_order() {
     outsider.handle().shutdown().await;
     let _ = outsider.node.task.await;
     let store = cofab_node::store::Store::open(&outsider.dir.path().join("store")).unwrap();
-    let stored: Vec<_> = store.load_all().unwrap().into_iter().map(|d| d.genesis.id()).collect();
-    assert!(stored.contains(&marker), "the marker order should be stored");
-    assert!(!stored.contains(&id), "a members order reached a non-member's store");
+    let stored: Vec<_> = store
+        .load_all()
+        .unwrap()
+        .into_iter()
+        .map(|d| d.genesis.id())
+        .collect();
+    assert!(
+        stored.contains(&marker),
+        "the marker order should be stored"
+    );
+    assert!(
+        !stored.contains(&id),
+        "a members order reached a non-member's store"
+    );
 }
 
 /// A node that was offline during edits catches up when it comes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_node_catches_up() {
     let mut nodes = start_net("offline", 3).await;
-    let input = model::DesignInput { title: "Housing".into(), description: "v1".into(), ..Default::default() };
-    let id = nodes[0].handle().create(move |kp, now, nonce| model::create_design(kp, &input, now, nonce)).await.unwrap();
+    let input = model::DesignInput {
+        title: "Housing".into(),
+        description: "v1".into(),
+        ..Default::default()
+    };
+    let id = nodes[0]
+        .handle()
+        .create(move |kp, now, nonce| model::create_design(kp, &input, now, nonce))
+        .await
+        .unwrap();
     wait_converged(&[&nodes[0], &nodes[1], &nodes[2]], id).await;
     let c = nodes.pop().unwrap();
     c.handle().shutdown().await;
     let _ = c.node.task.await;
     for i in 0..200 {
-        let s = model::Splice { pos: 2 + i, delete: 0, insert: "x".into() };
-        nodes[0].handle().edit(id, move |d, kp, now| model::splice_description(d, kp, now, &s)).await.unwrap();
+        let s = model::Splice {
+            pos: 2 + i,
+            delete: 0,
+            insert: "x".into(),
+        };
+        nodes[0]
+            .handle()
+            .edit(id, move |d, kp, now| {
+                model::splice_description(d, kp, now, &s)
+            })
+            .await
+            .unwrap();
     }
-    let c = TestNode { node: cofab_node::Node::start(config(c.key.clone(), &c.name, c.dir.path())).await.unwrap(), dir: c.dir, key: c.key, name: c.name };
+    let c = TestNode {
+        node: cofab_node::Node::start(config(c.key.clone(), &c.name, c.dir.path()))
+            .await
+            .unwrap(),
+        dir: c.dir,
+        key: c.key,
+        name: c.name,
+    };
     connect(&c, &nodes[1]).await;
     wait_converged(&[&nodes[0], &nodes[1], &c], id).await;
-    let text = c.handle().read(move |ctx| ctx.replica.doc(&id).and_then(model::design_view).map(|d| d.description)).await.unwrap().unwrap();
+    let text = c
+        .handle()
+        .read(move |ctx| {
+            ctx.replica
+                .doc(&id)
+                .and_then(model::design_view)
+                .map(|d| d.description)
+        })
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(text.len(), 202);
 }
 
@@ -99,29 +179,75 @@ async fn offline_node_catches_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_design_edits_converge() {
     let nodes = start_net("coedit", 2).await;
-    let mut input = model::DesignInput { title: "Bracket".into(), description: "base".into(), ..Default::default() };
-    input.members.insert(nodes[1].key.id(), cofab_protocol::Role::Editor);
-    let id = nodes[0].handle().create(move |kp, now, nonce| model::create_design(kp, &input, now, nonce)).await.unwrap();
+    let mut input = model::DesignInput {
+        title: "Bracket".into(),
+        description: "base".into(),
+        ..Default::default()
+    };
+    input
+        .members
+        .insert(nodes[1].key.id(), cofab_protocol::Role::Editor);
+    let id = nodes[0]
+        .handle()
+        .create(move |kp, now, nonce| model::create_design(kp, &input, now, nonce))
+        .await
+        .unwrap();
     wait_converged(&[&nodes[0], &nodes[1]], id).await;
     let a = nodes[0].handle().clone();
     let b = nodes[1].handle().clone();
     let ta = tokio::spawn(async move {
         for _ in 0..50 {
-            let s = model::Splice { pos: 0, delete: 0, insert: "A".into() };
-            a.edit(id, move |d, kp, now| model::splice_description(d, kp, now, &s)).await.unwrap();
+            let s = model::Splice {
+                pos: 0,
+                delete: 0,
+                insert: "A".into(),
+            };
+            a.edit(id, move |d, kp, now| {
+                model::splice_description(d, kp, now, &s)
+            })
+            .await
+            .unwrap();
         }
     });
     let tb = tokio::spawn(async move {
         for _ in 0..50 {
-            let s = model::Splice { pos: 4, delete: 0, insert: "B".into() };
-            b.edit(id, move |d, kp, now| model::splice_description(d, kp, now, &s)).await.unwrap();
+            let s = model::Splice {
+                pos: 4,
+                delete: 0,
+                insert: "B".into(),
+            };
+            b.edit(id, move |d, kp, now| {
+                model::splice_description(d, kp, now, &s)
+            })
+            .await
+            .unwrap();
         }
     });
     ta.await.unwrap();
     tb.await.unwrap();
     wait_converged(&[&nodes[0], &nodes[1]], id).await;
-    let ta = nodes[0].handle().read(move |c| c.replica.doc(&id).and_then(model::design_view).map(|d| d.description)).await.unwrap().unwrap();
-    let tb = nodes[1].handle().read(move |c| c.replica.doc(&id).and_then(model::design_view).map(|d| d.description)).await.unwrap().unwrap();
+    let ta = nodes[0]
+        .handle()
+        .read(move |c| {
+            c.replica
+                .doc(&id)
+                .and_then(model::design_view)
+                .map(|d| d.description)
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    let tb = nodes[1]
+        .handle()
+        .read(move |c| {
+            c.replica
+                .doc(&id)
+                .and_then(model::design_view)
+                .map(|d| d.description)
+        })
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(ta, tb);
     assert_eq!(ta.matches('A').count(), 50);
     assert_eq!(ta.matches('B').count(), 50);
@@ -131,13 +257,24 @@ async fn concurrent_design_edits_converge() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attachments_sync_between_nodes() {
     let nodes = start_net("attach", 2).await;
-    let input = model::DesignInput { title: "Housing".into(), ..Default::default() };
-    let id = nodes[0].handle().create(move |kp, now, nonce| model::create_design(kp, &input, now, nonce)).await.unwrap();
-    let file: Vec<u8> = (0..3 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
+    let input = model::DesignInput {
+        title: "Housing".into(),
+        ..Default::default()
+    };
+    let id = nodes[0]
+        .handle()
+        .create(move |kp, now, nonce| model::create_design(kp, &input, now, nonce))
+        .await
+        .unwrap();
+    let file: Vec<u8> = (0..3 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
     let f = file.clone();
     nodes[0]
         .handle()
-        .edit(id, move |d, kp, now| model::add_attachment(d, kp, now, "housing.step", "model/step", &f).map(|(_, acc)| acc))
+        .edit(id, move |d, kp, now| {
+            model::add_attachment(d, kp, now, "housing.step", "model/step", &f).map(|(_, acc)| acc)
+        })
         .await
         .unwrap();
     wait_converged(&[&nodes[0], &nodes[1]], id).await;

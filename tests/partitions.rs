@@ -11,10 +11,12 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use common::*;
 use cofab_node::{Node, NodeConfig};
-use cofab_protocol::model::{self, BidInput, CapacityInput, DesignInput, Machine, OrderInput, Splice};
+use cofab_protocol::model::{
+    self, BidInput, CapacityInput, DesignInput, Machine, OrderInput, Splice,
+};
 use cofab_protocol::{Accepted, DocId, Document, EditError, Keypair, Role, Visibility};
+use common::*;
 
 /// What the test expects of each document: how many changes it has in total.
 #[derive(Default)]
@@ -32,12 +34,22 @@ impl Ledger {
             .handle()
             .read(move |c| {
                 let d = c.replica.doc(&id).expect("creator holds its document");
-                (d.change_count(), keys.iter().map(|k| d.may_hold(k)).collect::<Vec<bool>>())
+                (
+                    d.change_count(),
+                    keys.iter().map(|k| d.may_hold(k)).collect::<Vec<bool>>(),
+                )
             })
             .await
             .unwrap();
         self.changes.insert(id, count);
-        self.holders.insert(id, may.iter().enumerate().filter(|(_, m)| **m).map(|(i, _)| i).collect());
+        self.holders.insert(
+            id,
+            may.iter()
+                .enumerate()
+                .filter(|(_, m)| **m)
+                .map(|(i, _)| i)
+                .collect(),
+        );
     }
 
     /// Edits `doc` on `node`; every successful edit is one change the network must keep.
@@ -47,7 +59,10 @@ impl Ledger {
         doc: DocId,
         f: impl FnOnce(&mut Document, &Keypair, i64) -> Result<Accepted, EditError> + Send + 'static,
     ) {
-        node.handle().edit(doc, f).await.unwrap_or_else(|e| panic!("edit of {doc} on {} failed: {e}", node.name));
+        node.handle()
+            .edit(doc, f)
+            .await
+            .unwrap_or_else(|e| panic!("edit of {doc} on {} failed: {e}", node.name));
         *self.changes.get_mut(&doc).expect("known document") += 1;
     }
 }
@@ -55,7 +70,20 @@ impl Ledger {
 /// Per node: document → (heads, change count).
 async fn holdings(node: &TestNode) -> BTreeMap<DocId, (Vec<String>, usize)> {
     node.handle()
-        .read(|c| c.replica.docs().map(|d| (d.id(), (d.heads().iter().map(|h| h.to_string()).collect(), d.change_count()))).collect())
+        .read(|c| {
+            c.replica
+                .docs()
+                .map(|d| {
+                    (
+                        d.id(),
+                        (
+                            d.heads().iter().map(|h| h.to_string()).collect(),
+                            d.change_count(),
+                        ),
+                    )
+                })
+                .collect()
+        })
         .await
         .unwrap()
 }
@@ -75,16 +103,21 @@ async fn wait_all_converged(nodes: &[&TestNode], ledger: &Ledger, what: &str) ->
             let mut reference: Option<&Vec<String>> = None;
             for (i, h) in all.iter().enumerate() {
                 match (holders.contains(&i), h.get(doc)) {
-                    (false, Some(_)) => panic!("{what}: node {i} holds {doc}, which it may not hold"),
+                    (false, Some(_)) => {
+                        panic!("{what}: node {i} holds {doc}, which it may not hold")
+                    }
                     (false, None) => {}
                     (true, None) => problems.push(format!("node {i} lacks {doc}")),
                     (true, Some((heads, count))) => {
                         if count != expected {
-                            problems.push(format!("node {i} has {count}/{expected} changes of {doc}"));
+                            problems
+                                .push(format!("node {i} has {count}/{expected} changes of {doc}"));
                         }
                         match reference {
                             None => reference = Some(heads),
-                            Some(r) if r != heads => problems.push(format!("node {i} heads of {doc} differ")),
+                            Some(r) if r != heads => {
+                                problems.push(format!("node {i} heads of {doc} differ"))
+                            }
                             Some(_) => {}
                         }
                     }
@@ -94,7 +127,10 @@ async fn wait_all_converged(nodes: &[&TestNode], ledger: &Ledger, what: &str) ->
         if problems.is_empty() {
             return start.elapsed();
         }
-        assert!(start.elapsed() < DEADLINE, "{what}: not converged within {DEADLINE:?}: {problems:#?}");
+        assert!(
+            start.elapsed() < DEADLINE,
+            "{what}: not converged within {DEADLINE:?}: {problems:#?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -108,17 +144,34 @@ async fn peer_count(n: &TestNode) -> usize {
 async fn split(nodes: &[&TestNode], a: &[usize], b: &[usize]) {
     for &i in a {
         for &j in b {
-            nodes[i].handle().block(nodes[j].handle().info.peer_id).await.unwrap();
-            nodes[j].handle().block(nodes[i].handle().info.peer_id).await.unwrap();
+            nodes[i]
+                .handle()
+                .block(nodes[j].handle().info.peer_id)
+                .await
+                .unwrap();
+            nodes[j]
+                .handle()
+                .block(nodes[i].handle().info.peer_id)
+                .await
+                .unwrap();
         }
     }
     for (group, other) in [(a, b), (b, a)] {
-        let banned: Vec<String> = other.iter().map(|&j| nodes[j].handle().info.peer_id.to_string()).collect();
+        let banned: Vec<String> = other
+            .iter()
+            .map(|&j| nodes[j].handle().info.peer_id.to_string())
+            .collect();
         for &i in group {
             let banned = banned.clone();
             wait_until(DEADLINE, || {
                 let banned = banned.clone();
-                async move { !nodes[i].handle().read(move |c| c.peers.iter().any(|p| banned.contains(&p.peer_id))).await.unwrap() }
+                async move {
+                    !nodes[i]
+                        .handle()
+                        .read(move |c| c.peers.iter().any(|p| banned.contains(&p.peer_id)))
+                        .await
+                        .unwrap()
+                }
             })
             .await;
         }
@@ -129,8 +182,16 @@ async fn split(nodes: &[&TestNode], a: &[usize], b: &[usize]) {
 async fn heal(nodes: &[&TestNode], a: &[usize], b: &[usize]) {
     for &i in a {
         for &j in b {
-            nodes[i].handle().unblock(nodes[j].handle().info.peer_id).await.unwrap();
-            nodes[j].handle().unblock(nodes[i].handle().info.peer_id).await.unwrap();
+            nodes[i]
+                .handle()
+                .unblock(nodes[j].handle().info.peer_id)
+                .await
+                .unwrap();
+            nodes[j]
+                .handle()
+                .unblock(nodes[i].handle().info.peer_id)
+                .await
+                .unwrap();
         }
     }
     for &i in a {
@@ -171,7 +232,12 @@ fn capacity_input(name: &str, week_hours: u32) -> CapacityInput {
 }
 
 fn bid(price: f64) -> BidInput {
-    BidInput { unit_price: price, currency: "EUR".into(), lead_time_days: 21, ..Default::default() }
+    BidInput {
+        unit_price: price,
+        currency: "EUR".into(),
+        lead_time_days: 21,
+        ..Default::default()
+    }
 }
 
 /// Four companies (0 buyer, 1 and 2 suppliers, 3 design house) are split three different
@@ -189,15 +255,31 @@ async fn four_nodes_split_three_ways_converge_and_lose_nothing() {
     // Before the first split: a public order, a members order for both suppliers, two
     // capacity documents and a members design with three editors.
     let public = order_input("Shaft, turned", Visibility::Public, &[]);
-    let o_pub = nodes[0].handle().create(move |kp, now, n| model::create_order(kp, &public, now, n)).await.unwrap();
+    let o_pub = nodes[0]
+        .handle()
+        .create(move |kp, now, n| model::create_order(kp, &public, now, n))
+        .await
+        .unwrap();
     ledger.created(&nodes, 0, o_pub).await;
-    let private = order_input("Gear housing", Visibility::Members, &[(s1, Role::Supplier), (s2, Role::Supplier)]);
-    let o_mem = nodes[0].handle().create(move |kp, now, n| model::create_order(kp, &private, now, n)).await.unwrap();
+    let private = order_input(
+        "Gear housing",
+        Visibility::Members,
+        &[(s1, Role::Supplier), (s2, Role::Supplier)],
+    );
+    let o_mem = nodes[0]
+        .handle()
+        .create(move |kp, now, n| model::create_order(kp, &private, now, n))
+        .await
+        .unwrap();
     ledger.created(&nodes, 0, o_mem).await;
     let mut capacity = BTreeMap::new();
     for s in [1, 2] {
         let c = capacity_input(&format!("Supplier {s}"), 40);
-        let id = nodes[s].handle().create(move |kp, now, n| model::create_capacity(kp, &c, now, n)).await.unwrap();
+        let id = nodes[s]
+            .handle()
+            .create(move |kp, now, n| model::create_capacity(kp, &c, now, n))
+            .await
+            .unwrap();
         ledger.created(&nodes, s, id).await;
         capacity.insert(s, id);
     }
@@ -205,20 +287,34 @@ async fn four_nodes_split_three_ways_converge_and_lose_nothing() {
         title: "Pump housing".into(),
         description: "|".into(),
         visibility: Visibility::Members,
-        members: [(buyer.id(), Role::Editor), (s1.id(), Role::Editor), (s2.id(), Role::Editor)].into_iter().collect(),
+        members: [
+            (buyer.id(), Role::Editor),
+            (s1.id(), Role::Editor),
+            (s2.id(), Role::Editor),
+        ]
+        .into_iter()
+        .collect(),
     };
-    let d = nodes[3].handle().create(move |kp, now, n| model::create_design(kp, &design, now, n)).await.unwrap();
+    let d = nodes[3]
+        .handle()
+        .create(move |kp, now, n| model::create_design(kp, &design, now, n))
+        .await
+        .unwrap();
     ledger.created(&nodes, 3, d).await;
     let _ = house;
     wait_all_converged(&nodes, &ledger, "before the first split").await;
 
-    let splits: [(&[usize], &[usize]); 3] = [(&[0, 1], &[2, 3]), (&[0, 2], &[1, 3]), (&[0, 3], &[1, 2])];
+    let splits: [(&[usize], &[usize]); 3] =
+        [(&[0, 1], &[2, 3]), (&[0, 2], &[1, 3]), (&[0, 3], &[1, 2])];
     let mut markers = Vec::new();
     let mut comments = 0;
     let mut new_orders = Vec::new();
     let mut partitions = 0;
     // `COFAB_PARTITION_CYCLES` raises the number of split/heal cycles (default 6: each split twice).
-    let cycles: usize = std::env::var("COFAB_PARTITION_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(2 * splits.len());
+    let cycles: usize = std::env::var("COFAB_PARTITION_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2 * splits.len());
     for cycle in 0..cycles {
         let (a, b) = splits[cycle % splits.len()];
         split(&nodes, a, b).await;
@@ -226,24 +322,52 @@ async fn four_nodes_split_three_ways_converge_and_lose_nothing() {
         // The buyer posts a new public order nobody across the cut can see yet.
         let title = format!("Flange, cycle {cycle}");
         let input = order_input(&title, Visibility::Public, &[]);
-        let o_new = nodes[0].handle().create(move |kp, now, n| model::create_order(kp, &input, now, n)).await.unwrap();
+        let o_new = nodes[0]
+            .handle()
+            .create(move |kp, now, n| model::create_order(kp, &input, now, n))
+            .await
+            .unwrap();
         ledger.created(&nodes, 0, o_new).await;
-        new_orders.push((o_new, title, [1, 2].iter().filter(|s| a.contains(s)).count()));
+        new_orders.push((
+            o_new,
+            title,
+            [1, 2].iter().filter(|s| a.contains(s)).count(),
+        ));
         // Within each group sync goes on.
         let group_a: Vec<&TestNode> = a.iter().map(|&i| nodes[i]).collect();
         wait_converged(&group_a, o_new).await;
         let text = format!("buyer note {cycle}");
-        ledger.edit(nodes[0], o_pub, move |d, kp, now| model::comment(d, kp, now, &text)).await;
+        ledger
+            .edit(nodes[0], o_pub, move |d, kp, now| {
+                model::comment(d, kp, now, &text)
+            })
+            .await;
         comments += 1;
         for s in [1usize, 2] {
             let price = 10.0 * s as f64 + cycle as f64;
-            ledger.edit(nodes[s], o_pub, move |d, kp, now| model::place_bid(d, kp, now, &bid(price))).await;
-            ledger.edit(nodes[s], o_mem, move |d, kp, now| model::place_bid(d, kp, now, &bid(price + 0.5))).await;
+            ledger
+                .edit(nodes[s], o_pub, move |d, kp, now| {
+                    model::place_bid(d, kp, now, &bid(price))
+                })
+                .await;
+            ledger
+                .edit(nodes[s], o_mem, move |d, kp, now| {
+                    model::place_bid(d, kp, now, &bid(price + 0.5))
+                })
+                .await;
             let c = capacity_input(&format!("Supplier {s}"), 10 * (cycle as u32 + 1) + s as u32);
-            ledger.edit(nodes[s], capacity[&s], move |d, kp, now| model::update_capacity(d, kp, now, &c)).await;
+            ledger
+                .edit(nodes[s], capacity[&s], move |d, kp, now| {
+                    model::update_capacity(d, kp, now, &c)
+                })
+                .await;
             // A supplier on the buyer's side of the cut bids on the new order too.
             if a.contains(&s) {
-                ledger.edit(nodes[s], o_new, move |d, kp, now| model::place_bid(d, kp, now, &bid(7.0))).await;
+                ledger
+                    .edit(nodes[s], o_new, move |d, kp, now| {
+                        model::place_bid(d, kp, now, &bid(7.0))
+                    })
+                    .await;
             }
         }
         // Everyone co-edits the design: a marker in the text and a parameter, twice.
@@ -251,21 +375,39 @@ async fn four_nodes_split_three_ways_converge_and_lose_nothing() {
             for (i, node) in nodes.iter().enumerate() {
                 let m = format!("[n{i}c{cycle}r{round}]");
                 markers.push(m.clone());
-                let s = Splice { pos: 1, delete: 0, insert: m };
-                ledger.edit(node, d, move |doc, kp, now| model::splice_description(doc, kp, now, &s)).await;
+                let s = Splice {
+                    pos: 1,
+                    delete: 0,
+                    insert: m,
+                };
+                ledger
+                    .edit(node, d, move |doc, kp, now| {
+                        model::splice_description(doc, kp, now, &s)
+                    })
+                    .await;
                 let name = format!("p{i}");
                 let value = (cycle * 10 + round) as f64;
-                ledger.edit(node, d, move |doc, kp, now| model::set_parameter(doc, kp, now, &name, value, "mm")).await;
+                ledger
+                    .edit(node, d, move |doc, kp, now| {
+                        model::set_parameter(doc, kp, now, &name, value, "mm")
+                    })
+                    .await;
             }
         }
         // Within each group sync goes on; across the cut nothing moves.
         wait_converged(&group_a, o_new).await;
         for &j in b.iter() {
-            assert!(heads(nodes[j], o_new).await.is_empty(), "cycle {cycle}: order posted in group {a:?} crossed the partition to node {j}");
+            assert!(
+                heads(nodes[j], o_new).await.is_empty(),
+                "cycle {cycle}: order posted in group {a:?} crossed the partition to node {j}"
+            );
         }
         let da = heads(nodes[a[0]], d).await;
         let db = heads(nodes[b[0]], d).await;
-        assert_ne!(da, db, "cycle {cycle}: both groups edited the design, their heads cannot be equal");
+        assert_ne!(
+            da, db,
+            "cycle {cycle}: both groups edited the design, their heads cannot be equal"
+        );
 
         heal(&nodes, a, b).await;
         let took = wait_all_converged(&nodes, &ledger, &format!("after heal {cycle}")).await;
@@ -274,42 +416,102 @@ async fn four_nodes_split_three_ways_converge_and_lose_nothing() {
 
     // No change lost, read back as content on every node that may hold it.
     for (i, n) in nodes.iter().enumerate() {
-        let text = n.handle().read(move |c| c.replica.doc(&d).and_then(model::design_view)).await.unwrap().unwrap();
+        let text = n
+            .handle()
+            .read(move |c| c.replica.doc(&d).and_then(model::design_view))
+            .await
+            .unwrap()
+            .unwrap();
         for m in &markers {
-            assert_eq!(text.description.matches(m.as_str()).count(), 1, "node {i}: design marker {m} lost or doubled");
+            assert_eq!(
+                text.description.matches(m.as_str()).count(),
+                1,
+                "node {i}: design marker {m} lost or doubled"
+            );
         }
-        assert_eq!(text.parameters.len(), 4, "node {i}: parameters {:?}", text.parameters);
-        let o = n.handle().read(move |c| c.replica.doc(&o_pub).and_then(model::order_view)).await.unwrap().unwrap();
+        assert_eq!(
+            text.parameters.len(),
+            4,
+            "node {i}: parameters {:?}",
+            text.parameters
+        );
+        let o = n
+            .handle()
+            .read(move |c| c.replica.doc(&o_pub).and_then(model::order_view))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(o.discussion.len(), comments, "node {i}: comments lost");
         assert_eq!(o.bids.len(), 2, "node {i}: bids {:?}", o.bids);
         for s in [1usize, 2] {
             let last = 10.0 * s as f64 + (cycles - 1) as f64;
-            assert_eq!(o.bids[&nodes[s].key.id().to_string()].unit_price, Some(last), "node {i}: supplier {s}'s newest bid");
-            let cap = n.handle().read({ let id = capacity[&s]; move |c| c.replica.doc(&id).and_then(model::capacity_view) }).await.unwrap().unwrap();
-            assert_eq!(cap.content.machines[0].free_hours["2027-W09"], 10 * cycles as u32 + s as u32, "node {i}: capacity of supplier {s}");
+            assert_eq!(
+                o.bids[&nodes[s].key.id().to_string()].unit_price,
+                Some(last),
+                "node {i}: supplier {s}'s newest bid"
+            );
+            let cap = n
+                .handle()
+                .read({
+                    let id = capacity[&s];
+                    move |c| c.replica.doc(&id).and_then(model::capacity_view)
+                })
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                cap.content.machines[0].free_hours["2027-W09"],
+                10 * cycles as u32 + s as u32,
+                "node {i}: capacity of supplier {s}"
+            );
         }
         for (o_new, title, bids) in &new_orders {
             let id = *o_new;
-            let v = n.handle().read(move |c| c.replica.doc(&id).and_then(model::order_view)).await.unwrap().unwrap();
+            let v = n
+                .handle()
+                .read(move |c| c.replica.doc(&id).and_then(model::order_view))
+                .await
+                .unwrap()
+                .unwrap();
             assert_eq!(&v.title, title);
-            assert_eq!(v.bids.len(), *bids, "node {i}: the bids placed inside the buyer's group");
+            assert_eq!(
+                v.bids.len(),
+                *bids,
+                "node {i}: the bids placed inside the buyer's group"
+            );
         }
     }
     let members_order = heads(nodes[3], o_mem).await;
-    assert!(members_order.is_empty(), "the design house is not a member of the members order");
+    assert!(
+        members_order.is_empty(),
+        "the design house is not a member of the members order"
+    );
     let total: usize = ledger.changes.values().sum();
-    println!("partitions: {partitions} partitions healed, {} documents, {total} changes, 0 lost", ledger.changes.len());
+    println!(
+        "partitions: {partitions} partitions healed, {} documents, {total} changes, 0 lost",
+        ledger.changes.len()
+    );
     for n in owned {
         n.handle().shutdown().await;
     }
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Starts a node from `dir` listening on 127.0.0.1:`port`, bootstrapping from `bootstrap`.
-async fn start_at(key: &Keypair, name: &str, dir: &std::path::Path, port: u16, bootstrap: Vec<cofab_node::libp2p::Multiaddr>) -> Node {
+async fn start_at(
+    key: &Keypair,
+    name: &str,
+    dir: &std::path::Path,
+    port: u16,
+    bootstrap: Vec<cofab_node::libp2p::Multiaddr>,
+) -> Node {
     let mut c: NodeConfig = config(key.clone(), name, dir);
     c.listen = vec![format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap()];
     c.bootstrap = bootstrap;
@@ -328,25 +530,50 @@ async fn node_returns_on_a_new_address_and_a_late_node_joins() {
     let mut ledger = Ledger::default();
     let o_pub = {
         let input = order_input("Bushing", Visibility::Public, &[]);
-        owned[0].handle().create(move |kp, now, n| model::create_order(kp, &input, now, n)).await.unwrap()
+        owned[0]
+            .handle()
+            .create(move |kp, now, n| model::create_order(kp, &input, now, n))
+            .await
+            .unwrap()
     };
     // Invites the late company (by its enterprise id) before its node exists.
     let o_inv = {
-        let input = order_input("Cover plate", Visibility::Members, &[(&owned[1].key, Role::Supplier), (&late_key, Role::Supplier)]);
-        owned[0].handle().create(move |kp, now, n| model::create_order(kp, &input, now, n)).await.unwrap()
+        let input = order_input(
+            "Cover plate",
+            Visibility::Members,
+            &[(&owned[1].key, Role::Supplier), (&late_key, Role::Supplier)],
+        );
+        owned[0]
+            .handle()
+            .create(move |kp, now, n| model::create_order(kp, &input, now, n))
+            .await
+            .unwrap()
     };
     let d = {
         let input = DesignInput {
             title: "Bracket".into(),
             description: "|".into(),
             visibility: Visibility::Members,
-            members: [(owned[0].key.id(), Role::Editor), (owned[3].key.id(), Role::Editor)].into_iter().collect(),
+            members: [
+                (owned[0].key.id(), Role::Editor),
+                (owned[3].key.id(), Role::Editor),
+            ]
+            .into_iter()
+            .collect(),
         };
-        owned[1].handle().create(move |kp, now, n| model::create_design(kp, &input, now, n)).await.unwrap()
+        owned[1]
+            .handle()
+            .create(move |kp, now, n| model::create_design(kp, &input, now, n))
+            .await
+            .unwrap()
     };
     let cap = {
         let c = capacity_input("Supplier 2", 30);
-        owned[2].handle().create(move |kp, now, n| model::create_capacity(kp, &c, now, n)).await.unwrap()
+        owned[2]
+            .handle()
+            .create(move |kp, now, n| model::create_capacity(kp, &c, now, n))
+            .await
+            .unwrap()
     };
     {
         let nodes: Vec<&TestNode> = owned.iter().collect();
@@ -354,7 +581,12 @@ async fn node_returns_on_a_new_address_and_a_late_node_joins() {
         for (creator, id) in [(0, o_pub), (0, o_inv), (1, d), (2, cap)] {
             ledger.created(&nodes, creator, id).await;
             let late = late_key.id();
-            if owned[creator].handle().read(move |c| c.replica.doc(&id).unwrap().may_hold(&late)).await.unwrap() {
+            if owned[creator]
+                .handle()
+                .read(move |c| c.replica.doc(&id).unwrap().may_hold(&late))
+                .await
+                .unwrap()
+            {
                 ledger.holders.get_mut(&id).unwrap().insert(4);
             }
         }
@@ -371,26 +603,67 @@ async fn node_returns_on_a_new_address_and_a_late_node_joins() {
     }
     // The rest go on editing while it is away, including the design it co-edits.
     for k in 0..5 {
-        let s = Splice { pos: 1, delete: 0, insert: format!("<away{k}>") };
-        ledger.edit(&owned[0], d, move |doc, kp, now| model::splice_description(doc, kp, now, &s)).await;
-        ledger.edit(&owned[1], o_pub, move |doc, kp, now| model::place_bid(doc, kp, now, &bid(3.0 + k as f64))).await;
+        let s = Splice {
+            pos: 1,
+            delete: 0,
+            insert: format!("<away{k}>"),
+        };
+        ledger
+            .edit(&owned[0], d, move |doc, kp, now| {
+                model::splice_description(doc, kp, now, &s)
+            })
+            .await;
+        ledger
+            .edit(&owned[1], o_pub, move |doc, kp, now| {
+                model::place_bid(doc, kp, now, &bid(3.0 + k as f64))
+            })
+            .await;
         let c = capacity_input("Supplier 2", 31 + k);
-        ledger.edit(&owned[2], cap, move |doc, kp, now| model::update_capacity(doc, kp, now, &c)).await;
+        ledger
+            .edit(&owned[2], cap, move |doc, kp, now| {
+                model::update_capacity(doc, kp, now, &c)
+            })
+            .await;
     }
     // It comes back on another port, knowing only node 0's address.
     let old_port = old_addr.iter().find_map(|p| match p {
         cofab_node::libp2p::multiaddr::Protocol::Tcp(p) => Some(p),
         _ => None,
     });
-    let port = std::iter::repeat_with(free_port).find(|p| Some(*p) != old_port).unwrap();
+    let port = std::iter::repeat_with(free_port)
+        .find(|p| Some(*p) != old_port)
+        .unwrap();
     let boot = owned[0].handle().listen_addrs().await.unwrap()[0].clone();
-    let node = start_at(&leaver.key, &leaver.name, leaver.dir.path(), port, vec![boot.clone()]).await;
-    let back = TestNode { node, dir: leaver.dir, key: leaver.key, name: leaver.name };
+    let node = start_at(
+        &leaver.key,
+        &leaver.name,
+        leaver.dir.path(),
+        port,
+        vec![boot.clone()],
+    )
+    .await;
+    let back = TestNode {
+        node,
+        dir: leaver.dir,
+        key: leaver.key,
+        name: leaver.name,
+    };
     let new_addr = back.handle().listen_addrs().await.unwrap()[0].clone();
-    assert_ne!(new_addr, old_addr, "the returning node must listen on a new address");
+    assert_ne!(
+        new_addr, old_addr,
+        "the returning node must listen on a new address"
+    );
     // Its edit made right after coming back must reach everyone too.
-    let s = Splice { pos: 1, delete: 0, insert: "<back>".into() };
-    ledger.edit(&back, d, move |doc, kp, now| model::splice_description(doc, kp, now, &s)).await;
+    let s = Splice {
+        pos: 1,
+        delete: 0,
+        insert: "<back>".into(),
+    };
+    ledger
+        .edit(&back, d, move |doc, kp, now| {
+            model::splice_description(doc, kp, now, &s)
+        })
+        .await;
     owned.push(back);
     {
         let nodes: Vec<&TestNode> = owned.iter().collect();
@@ -403,31 +676,71 @@ async fn node_returns_on_a_new_address_and_a_late_node_joins() {
         let want = owned[3].handle().info.peer_id.to_string();
         let addr = owned[i]
             .handle()
-            .read(move |c| c.peers.iter().find(|p| p.peer_id == want).map(|p| p.addrs.clone()))
+            .read(move |c| {
+                c.peers
+                    .iter()
+                    .find(|p| p.peer_id == want)
+                    .map(|p| p.addrs.clone())
+            })
             .await
             .unwrap()
             .unwrap_or_else(|| panic!("node {i} never connected to the returned node"));
-        assert!(!addr.iter().any(|a| *a == old_addr.to_string()), "node {i} reached it at its old address: {addr:?}");
+        assert!(
+            !addr.iter().any(|a| *a == old_addr.to_string()),
+            "node {i} reached it at its old address: {addr:?}"
+        );
     }
 
     // A fifth company joins late, knowing only node 2.
     let dir = tempfile::tempdir().unwrap();
     let boot = owned[2].handle().listen_addrs().await.unwrap()[0].clone();
     let node = start_at(&late_key, "node4", dir.path(), free_port(), vec![boot]).await;
-    owned.push(TestNode { node, dir, key: late_key, name: "node4".into() });
+    owned.push(TestNode {
+        node,
+        dir,
+        key: late_key,
+        name: "node4".into(),
+    });
     let nodes: Vec<&TestNode> = owned.iter().collect();
     let took = wait_all_converged(&nodes, &ledger, "after the late join").await;
     println!("churn: late node converged in {took:?}");
-    ledger.edit(nodes[4], o_inv, move |doc, kp, now| model::place_bid(doc, kp, now, &bid(4.25))).await;
-    ledger.edit(nodes[4], o_pub, move |doc, kp, now| model::place_bid(doc, kp, now, &bid(4.5))).await;
+    ledger
+        .edit(nodes[4], o_inv, move |doc, kp, now| {
+            model::place_bid(doc, kp, now, &bid(4.25))
+        })
+        .await;
+    ledger
+        .edit(nodes[4], o_pub, move |doc, kp, now| {
+            model::place_bid(doc, kp, now, &bid(4.5))
+        })
+        .await;
     wait_all_converged(&nodes, &ledger, "after the late node's bids").await;
-    let v = nodes[0].handle().read(move |c| c.replica.doc(&o_inv).and_then(model::order_view)).await.unwrap().unwrap();
-    assert_eq!(v.bids[&nodes[4].key.id().to_string()].unit_price, Some(4.25));
-    assert!(heads(nodes[4], d).await.is_empty(), "the late node is not a member of the design");
-    let text = nodes[4].handle().read(move |c| c.replica.doc(&cap).and_then(model::capacity_view)).await.unwrap().unwrap();
+    let v = nodes[0]
+        .handle()
+        .read(move |c| c.replica.doc(&o_inv).and_then(model::order_view))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        v.bids[&nodes[4].key.id().to_string()].unit_price,
+        Some(4.25)
+    );
+    assert!(
+        heads(nodes[4], d).await.is_empty(),
+        "the late node is not a member of the design"
+    );
+    let text = nodes[4]
+        .handle()
+        .read(move |c| c.replica.doc(&cap).and_then(model::capacity_view))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(text.content.machines[0].free_hours["2027-W09"], 35);
     let total: usize = ledger.changes.values().sum();
-    println!("churn: 1 leave/return on a new port, 1 late join, {} documents, {total} changes, 0 lost", ledger.changes.len());
+    println!(
+        "churn: 1 leave/return on a new port, 1 late join, {} documents, {total} changes, 0 lost",
+        ledger.changes.len()
+    );
     for n in owned {
         n.handle().shutdown().await;
     }

@@ -21,7 +21,9 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use cofab_protocol::model::{self, BidInput, CapacityInput, DesignInput, OrderInput, ProgressInput, Splice};
+use cofab_protocol::model::{
+    self, BidInput, CapacityInput, DesignInput, OrderInput, ProgressInput, Splice,
+};
 use cofab_protocol::{DocId, EditError, EnterpriseId, Kind, Role, Rule};
 use futures::Stream;
 use serde::de::DeserializeOwned;
@@ -50,10 +52,16 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, msg: impl Into<String>) -> Self {
-        Self { status, body: json!({ "error": msg.into() }) }
+        Self {
+            status,
+            body: json!({ "error": msg.into() }),
+        }
     }
     fn field(field: &str, msg: impl Into<String>) -> Self {
-        Self { status: StatusCode::BAD_REQUEST, body: json!({ "error": msg.into(), "field": field }) }
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            body: json!({ "error": msg.into(), "field": field }),
+        }
     }
     fn not_found(what: &str) -> Self {
         Self::new(StatusCode::NOT_FOUND, format!("no such {what}"))
@@ -90,10 +98,14 @@ impl From<NodeError> for ApiError {
     fn from(e: NodeError) -> Self {
         match e {
             NodeError::NotFound(_) => ApiError::not_found("document"),
-            NodeError::Edit(EditError::Invalid { field, reason }) => ApiError::field(field, format!("invalid {field}: {reason}")),
+            NodeError::Edit(EditError::Invalid { field, reason }) => {
+                ApiError::field(field, format!("invalid {field}: {reason}"))
+            }
             NodeError::Edit(EditError::Rule(v)) => {
                 let status = match v.rule {
-                    Rule::StatusTransition { .. } | Rule::BiddingClosed(_) | Rule::StructureReplace => StatusCode::CONFLICT,
+                    Rule::StatusTransition { .. }
+                    | Rule::BiddingClosed(_)
+                    | Rule::StructureReplace => StatusCode::CONFLICT,
                     _ => StatusCode::FORBIDDEN,
                 };
                 ApiError {
@@ -101,11 +113,19 @@ impl From<NodeError> for ApiError {
                     body: json!({ "error": v.to_string(), "rule": rule_name(&v.rule), "path": v.path, "author": v.author.to_string() }),
                 }
             }
-            NodeError::Edit(EditError::Schema(s)) => ApiError::new(StatusCode::CONFLICT, format!("document is not a valid {s}")),
+            NodeError::Edit(EditError::Schema(s)) => {
+                ApiError::new(StatusCode::CONFLICT, format!("document is not a valid {s}"))
+            }
             NodeError::Edit(EditError::Automerge(s)) => ApiError::new(StatusCode::BAD_REQUEST, s),
-            NodeError::Store(s) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("not stored: {s}")),
-            NodeError::Stopped => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "node is stopping"),
-            NodeError::Start(s) | NodeError::Network(s) => ApiError::new(StatusCode::BAD_GATEWAY, s),
+            NodeError::Store(s) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("not stored: {s}"))
+            }
+            NodeError::Stopped => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "node is stopping")
+            }
+            NodeError::Start(s) | NodeError::Network(s) => {
+                ApiError::new(StatusCode::BAD_GATEWAY, s)
+            }
         }
     }
 }
@@ -124,7 +144,10 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
             if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("body larger than {MAX_BODY_BYTES} bytes"))
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("body larger than {MAX_BODY_BYTES} bytes"),
+                )
             } else {
                 ApiError::new(StatusCode::BAD_REQUEST, e.body_text())
             }
@@ -138,9 +161,17 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
                 let root = path == "." || path == "?";
                 let name = backticked(&msg).unwrap_or_default();
                 let field = if msg.starts_with("unknown field") {
-                    if root { name } else { path }
+                    if root {
+                        name
+                    } else {
+                        path
+                    }
                 } else if msg.starts_with("missing field") {
-                    if root { name } else { format!("{path}.{name}") }
+                    if root {
+                        name
+                    } else {
+                        format!("{path}.{name}")
+                    }
                 } else if root {
                     String::new()
                 } else {
@@ -151,7 +182,10 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
                 } else {
                     json!({ "error": format!("{field}: {msg}"), "field": field })
                 };
-                Err(ApiError { status: StatusCode::BAD_REQUEST, body })
+                Err(ApiError {
+                    status: StatusCode::BAD_REQUEST,
+                    body,
+                })
             }
         }
     }
@@ -161,7 +195,12 @@ fn doc_id(s: &str) -> Result<DocId, ApiError> {
     s.parse().map_err(|_| ApiError::not_found("document"))
 }
 
-async fn auth(State(st): State<AppState>, headers: HeaderMap, req: Request, next: Next) -> Response {
+async fn auth(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
     let ok = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -170,7 +209,11 @@ async fn auth(State(st): State<AppState>, headers: HeaderMap, req: Request, next
     if ok {
         next.run(req).await
     } else {
-        ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong bearer token (see DATA_DIR/api-token)").into_response()
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token (see DATA_DIR/api-token)",
+        )
+        .into_response()
     }
 }
 
@@ -180,7 +223,10 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// Builds the router for a node. `token` is the bearer token.
 pub fn router(node: NodeHandle, token: String) -> Router {
-    let st = AppState { node, token: Arc::new(token) };
+    let st = AppState {
+        node,
+        token: Arc::new(token),
+    };
     let api = Router::new()
         .route("/api/v1/status", get(status))
         .route("/api/v1/peers", get(peers))
@@ -249,9 +295,17 @@ async fn peers(State(st): State<AppState>) -> Result<Json<Value>, ApiError> {
     Ok(Json(v))
 }
 
-async fn post_order(State(st): State<AppState>, JsonBody(input): JsonBody<OrderInput>) -> Result<impl IntoResponse, ApiError> {
-    input.validate().map_err(|e| ApiError::from(NodeError::Edit(e)))?;
-    let id = st.node.create(move |kp, now, nonce| model::create_order(kp, &input, now, nonce)).await?;
+async fn post_order(
+    State(st): State<AppState>,
+    JsonBody(input): JsonBody<OrderInput>,
+) -> Result<impl IntoResponse, ApiError> {
+    input
+        .validate()
+        .map_err(|e| ApiError::from(NodeError::Edit(e)))?;
+    let id = st
+        .node
+        .create(move |kp, now, nonce| model::create_order(kp, &input, now, nonce))
+        .await?;
     Ok((StatusCode::CREATED, Json(json!({ "id": id.to_string() }))))
 }
 
@@ -263,7 +317,10 @@ struct OrderFilter {
     material: Option<String>,
 }
 
-async fn list_orders(State(st): State<AppState>, q: Result<Query<OrderFilter>, axum::extract::rejection::QueryRejection>) -> Result<Json<Value>, ApiError> {
+async fn list_orders(
+    State(st): State<AppState>,
+    q: Result<Query<OrderFilter>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
     let Query(f) = q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let v = st
         .node
@@ -274,7 +331,11 @@ async fn list_orders(State(st): State<AppState>, q: Result<Query<OrderFilter>, a
                 .filter_map(model::order_view)
                 .filter(|o| f.status.as_ref().is_none_or(|s| &o.status == s))
                 .filter(|o| f.process.as_ref().is_none_or(|p| o.processes.contains(p)))
-                .filter(|o| f.material.as_ref().is_none_or(|m| o.material.as_ref() == Some(m)))
+                .filter(|o| {
+                    f.material
+                        .as_ref()
+                        .is_none_or(|m| o.material.as_ref() == Some(m))
+                })
                 .collect();
             json!(list)
         })
@@ -282,10 +343,17 @@ async fn list_orders(State(st): State<AppState>, q: Result<Query<OrderFilter>, a
     Ok(Json(v))
 }
 
-async fn get_order(State(st): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn get_order(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     let id = doc_id(&id)?;
-    let v = st.node.read(move |c| c.replica.doc(&id).and_then(model::order_view)).await?;
-    v.map(|o| Json(json!(o))).ok_or_else(|| ApiError::not_found("order"))
+    let v = st
+        .node
+        .read(move |c| c.replica.doc(&id).and_then(model::order_view))
+        .await?;
+    v.map(|o| Json(json!(o)))
+        .ok_or_else(|| ApiError::not_found("order"))
 }
 
 /// Runs a typed edit on document `id` (404 if absent or not of `kind`); answers `{"ok": true}`
@@ -294,7 +362,13 @@ async fn edit_doc(
     st: &AppState,
     id: &str,
     kind: Option<Kind>,
-    f: impl FnOnce(&mut cofab_protocol::Document, &cofab_protocol::Keypair, i64) -> Result<cofab_protocol::Accepted, EditError> + Send + 'static,
+    f: impl FnOnce(
+            &mut cofab_protocol::Document,
+            &cofab_protocol::Keypair,
+            i64,
+        ) -> Result<cofab_protocol::Accepted, EditError>
+        + Send
+        + 'static,
 ) -> Result<Json<Value>, ApiError> {
     let id = doc_id(id)?;
     if let Some(kind) = kind {
@@ -305,15 +379,25 @@ async fn edit_doc(
 }
 
 async fn ensure_kind(st: &AppState, id: DocId, kind: Kind) -> Result<(), ApiError> {
-    let k = st.node.read(move |c| c.replica.doc(&id).map(|d| d.genesis().kind)).await?;
+    let k = st
+        .node
+        .read(move |c| c.replica.doc(&id).map(|d| d.genesis().kind))
+        .await?;
     match k {
         Some(k) if k == kind => Ok(()),
         _ => Err(ApiError::not_found(kind.as_str())),
     }
 }
 
-async fn post_bid(State(st): State<AppState>, Path(id): Path<String>, JsonBody(bid): JsonBody<BidInput>) -> Result<Json<Value>, ApiError> {
-    edit_doc(&st, &id, Some(Kind::Order), move |d, kp, now| model::place_bid(d, kp, now, &bid)).await
+async fn post_bid(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(bid): JsonBody<BidInput>,
+) -> Result<Json<Value>, ApiError> {
+    edit_doc(&st, &id, Some(Kind::Order), move |d, kp, now| {
+        model::place_bid(d, kp, now, &bid)
+    })
+    .await
 }
 
 #[derive(Deserialize)]
@@ -322,8 +406,15 @@ struct AwardBody {
     awards: BTreeMap<EnterpriseId, u64>,
 }
 
-async fn post_award(State(st): State<AppState>, Path(id): Path<String>, JsonBody(b): JsonBody<AwardBody>) -> Result<Json<Value>, ApiError> {
-    edit_doc(&st, &id, Some(Kind::Order), move |d, kp, now| model::award(d, kp, now, &b.awards)).await
+async fn post_award(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<AwardBody>,
+) -> Result<Json<Value>, ApiError> {
+    edit_doc(&st, &id, Some(Kind::Order), move |d, kp, now| {
+        model::award(d, kp, now, &b.awards)
+    })
+    .await
 }
 
 #[derive(Deserialize)]
@@ -332,12 +423,26 @@ struct StatusBody {
     status: String,
 }
 
-async fn post_status(State(st): State<AppState>, Path(id): Path<String>, JsonBody(b): JsonBody<StatusBody>) -> Result<Json<Value>, ApiError> {
-    edit_doc(&st, &id, Some(Kind::Order), move |d, kp, now| model::set_status(d, kp, now, &b.status)).await
+async fn post_status(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<StatusBody>,
+) -> Result<Json<Value>, ApiError> {
+    edit_doc(&st, &id, Some(Kind::Order), move |d, kp, now| {
+        model::set_status(d, kp, now, &b.status)
+    })
+    .await
 }
 
-async fn post_progress(State(st): State<AppState>, Path(id): Path<String>, JsonBody(p): JsonBody<ProgressInput>) -> Result<Json<Value>, ApiError> {
-    edit_doc(&st, &id, Some(Kind::Order), move |d, kp, now| model::report_progress(d, kp, now, &p)).await
+async fn post_progress(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(p): JsonBody<ProgressInput>,
+) -> Result<Json<Value>, ApiError> {
+    edit_doc(&st, &id, Some(Kind::Order), move |d, kp, now| {
+        model::report_progress(d, kp, now, &p)
+    })
+    .await
 }
 
 #[derive(Deserialize)]
@@ -346,24 +451,45 @@ struct CommentBody {
     text: String,
 }
 
-async fn post_comment(State(st): State<AppState>, Path(id): Path<String>, JsonBody(b): JsonBody<CommentBody>) -> Result<Json<Value>, ApiError> {
-    edit_doc(&st, &id, None, move |d, kp, now| model::comment(d, kp, now, &b.text)).await
+async fn post_comment(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<CommentBody>,
+) -> Result<Json<Value>, ApiError> {
+    edit_doc(&st, &id, None, move |d, kp, now| {
+        model::comment(d, kp, now, &b.text)
+    })
+    .await
 }
 
-async fn put_capacity(State(st): State<AppState>, JsonBody(c): JsonBody<CapacityInput>) -> Result<impl IntoResponse, ApiError> {
-    c.validate().map_err(|e| ApiError::from(NodeError::Edit(e)))?;
+async fn put_capacity(
+    State(st): State<AppState>,
+    JsonBody(c): JsonBody<CapacityInput>,
+) -> Result<impl IntoResponse, ApiError> {
+    c.validate()
+        .map_err(|e| ApiError::from(NodeError::Edit(e)))?;
     let me = st.node.info.enterprise_id;
     let existing = st
         .node
-        .read(move |ctx| ctx.replica.docs().find(|d| d.genesis().kind == Kind::Capacity && d.genesis().owner == me).map(|d| d.id()))
+        .read(move |ctx| {
+            ctx.replica
+                .docs()
+                .find(|d| d.genesis().kind == Kind::Capacity && d.genesis().owner == me)
+                .map(|d| d.id())
+        })
         .await?;
     match existing {
         Some(id) => {
-            st.node.edit(id, move |d, kp, now| model::update_capacity(d, kp, now, &c)).await?;
+            st.node
+                .edit(id, move |d, kp, now| model::update_capacity(d, kp, now, &c))
+                .await?;
             Ok((StatusCode::OK, Json(json!({ "id": id.to_string() }))))
         }
         None => {
-            let id = st.node.create(move |kp, now, nonce| model::create_capacity(kp, &c, now, nonce)).await?;
+            let id = st
+                .node
+                .create(move |kp, now, nonce| model::create_capacity(kp, &c, now, nonce))
+                .await?;
             Ok((StatusCode::CREATED, Json(json!({ "id": id.to_string() }))))
         }
     }
@@ -377,7 +503,10 @@ struct CapacityFilter {
     region: Option<String>,
 }
 
-async fn list_capacity(State(st): State<AppState>, q: Result<Query<CapacityFilter>, axum::extract::rejection::QueryRejection>) -> Result<Json<Value>, ApiError> {
+async fn list_capacity(
+    State(st): State<AppState>,
+    q: Result<Query<CapacityFilter>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
     let Query(f) = q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let v = st
         .node
@@ -388,11 +517,26 @@ async fn list_capacity(State(st): State<AppState>, q: Result<Query<CapacityFilte
                 .filter_map(model::capacity_view)
                 .filter(|v| {
                     f.process.as_ref().is_none_or(|p| {
-                        v.content.capabilities.iter().any(|c| &c.process == p) || v.content.machines.iter().any(|m| &m.process == p)
+                        v.content.capabilities.iter().any(|c| &c.process == p)
+                            || v.content.machines.iter().any(|m| &m.process == p)
                     })
                 })
-                .filter(|v| f.material.as_ref().is_none_or(|m| v.content.capabilities.iter().any(|c| c.materials.contains(m))))
-                .filter(|v| f.region.as_ref().is_none_or(|r| v.content.region.as_ref().is_some_and(|x| x == r || x.starts_with(&format!("{r}-")))))
+                .filter(|v| {
+                    f.material.as_ref().is_none_or(|m| {
+                        v.content
+                            .capabilities
+                            .iter()
+                            .any(|c| c.materials.contains(m))
+                    })
+                })
+                .filter(|v| {
+                    f.region.as_ref().is_none_or(|r| {
+                        v.content
+                            .region
+                            .as_ref()
+                            .is_some_and(|x| x == r || x.starts_with(&format!("{r}-")))
+                    })
+                })
                 .collect();
             json!(list)
         })
@@ -400,8 +544,14 @@ async fn list_capacity(State(st): State<AppState>, q: Result<Query<CapacityFilte
     Ok(Json(v))
 }
 
-async fn post_design(State(st): State<AppState>, JsonBody(d): JsonBody<DesignInput>) -> Result<impl IntoResponse, ApiError> {
-    let id = st.node.create(move |kp, now, nonce| model::create_design(kp, &d, now, nonce)).await?;
+async fn post_design(
+    State(st): State<AppState>,
+    JsonBody(d): JsonBody<DesignInput>,
+) -> Result<impl IntoResponse, ApiError> {
+    let id = st
+        .node
+        .create(move |kp, now, nonce| model::create_design(kp, &d, now, nonce))
+        .await?;
     Ok((StatusCode::CREATED, Json(json!({ "id": id.to_string() }))))
 }
 
@@ -421,14 +571,28 @@ async fn list_designs(State(st): State<AppState>) -> Result<Json<Value>, ApiErro
     Ok(Json(v))
 }
 
-async fn get_design(State(st): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn get_design(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     let id = doc_id(&id)?;
-    let v = st.node.read(move |c| c.replica.doc(&id).and_then(model::design_view)).await?;
-    v.map(|d| Json(json!(d))).ok_or_else(|| ApiError::not_found("design"))
+    let v = st
+        .node
+        .read(move |c| c.replica.doc(&id).and_then(model::design_view))
+        .await?;
+    v.map(|d| Json(json!(d)))
+        .ok_or_else(|| ApiError::not_found("design"))
 }
 
-async fn post_text(State(st): State<AppState>, Path(id): Path<String>, JsonBody(s): JsonBody<Splice>) -> Result<Json<Value>, ApiError> {
-    edit_doc(&st, &id, Some(Kind::Design), move |d, kp, now| model::splice_description(d, kp, now, &s)).await
+async fn post_text(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(s): JsonBody<Splice>,
+) -> Result<Json<Value>, ApiError> {
+    edit_doc(&st, &id, Some(Kind::Design), move |d, kp, now| {
+        model::splice_description(d, kp, now, &s)
+    })
+    .await
 }
 
 #[derive(Deserialize)]
@@ -440,8 +604,15 @@ struct ParameterBody {
     unit: String,
 }
 
-async fn post_parameter(State(st): State<AppState>, Path(id): Path<String>, JsonBody(p): JsonBody<ParameterBody>) -> Result<Json<Value>, ApiError> {
-    edit_doc(&st, &id, Some(Kind::Design), move |d, kp, now| model::set_parameter(d, kp, now, &p.name, p.value, &p.unit)).await
+async fn post_parameter(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(p): JsonBody<ParameterBody>,
+) -> Result<Json<Value>, ApiError> {
+    edit_doc(&st, &id, Some(Kind::Design), move |d, kp, now| {
+        model::set_parameter(d, kp, now, &p.name, p.value, &p.unit)
+    })
+    .await
 }
 
 async fn put_attachment(
@@ -452,12 +623,22 @@ async fn put_attachment(
 ) -> Result<impl IntoResponse, ApiError> {
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("attachment larger than {} bytes", model::MAX_ATTACHMENT_BYTES))
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "attachment larger than {} bytes",
+                    model::MAX_ATTACHMENT_BYTES
+                ),
+            )
         } else {
             ApiError::new(StatusCode::BAD_REQUEST, e.body_text())
         }
     })?;
-    let media = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("application/octet-stream").to_string();
+    let media = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/octet-stream")
+        .to_string();
     let id = doc_id(&id)?;
     ensure_kind(&st, id, Kind::Design).await?;
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -468,13 +649,28 @@ async fn put_attachment(
             Ok(acc)
         })
         .await?;
-    let key = rx.await.map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "node stopped"))?;
-    Ok((StatusCode::CREATED, Json(json!({ "key": key, "url": format!("/api/v1/designs/{id}/files/{key}") }))))
+    let key = rx
+        .await
+        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "node stopped"))?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "key": key, "url": format!("/api/v1/designs/{id}/files/{key}") })),
+    ))
 }
 
-async fn get_attachment(State(st): State<AppState>, Path((id, key)): Path<(String, String)>) -> Result<Response, ApiError> {
+async fn get_attachment(
+    State(st): State<AppState>,
+    Path((id, key)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
     let id = doc_id(&id)?;
-    let found = st.node.read(move |c| c.replica.doc(&id).and_then(|d| model::attachment_content(d, &key))).await?;
+    let found = st
+        .node
+        .read(move |c| {
+            c.replica
+                .doc(&id)
+                .and_then(|d| model::attachment_content(d, &key))
+        })
+        .await?;
     let (media, bytes) = found.ok_or_else(|| ApiError::not_found("attachment"))?;
     Ok(([(header::CONTENT_TYPE, media)], bytes).into_response())
 }
@@ -485,8 +681,15 @@ struct ReleaseBody {
     name: String,
 }
 
-async fn post_release(State(st): State<AppState>, Path(id): Path<String>, JsonBody(r): JsonBody<ReleaseBody>) -> Result<Json<Value>, ApiError> {
-    edit_doc(&st, &id, Some(Kind::Design), move |d, kp, now| model::release(d, kp, now, &r.name)).await
+async fn post_release(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(r): JsonBody<ReleaseBody>,
+) -> Result<Json<Value>, ApiError> {
+    edit_doc(&st, &id, Some(Kind::Design), move |d, kp, now| {
+        model::release(d, kp, now, &r.name)
+    })
+    .await
 }
 
 #[derive(Deserialize)]
@@ -497,8 +700,15 @@ struct MemberBody {
     role: Option<Role>,
 }
 
-async fn post_member(State(st): State<AppState>, Path(id): Path<String>, JsonBody(m): JsonBody<MemberBody>) -> Result<Json<Value>, ApiError> {
-    edit_doc(&st, &id, None, move |d, kp, now| model::set_member(d, kp, now, m.enterprise_id, m.role)).await
+async fn post_member(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(m): JsonBody<MemberBody>,
+) -> Result<Json<Value>, ApiError> {
+    edit_doc(&st, &id, None, move |d, kp, now| {
+        model::set_member(d, kp, now, m.enterprise_id, m.role)
+    })
+    .await
 }
 
 async fn list_docs(State(st): State<AppState>) -> Result<Json<Value>, ApiError> {
@@ -515,7 +725,10 @@ async fn list_docs(State(st): State<AppState>) -> Result<Json<Value>, ApiError> 
     Ok(Json(v))
 }
 
-async fn doc_heads(State(st): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn doc_heads(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     let id = doc_id(&id)?;
     let v = st
         .node
@@ -524,7 +737,10 @@ async fn doc_heads(State(st): State<AppState>, Path(id): Path<String>) -> Result
     v.map(Json).ok_or_else(|| ApiError::not_found("document"))
 }
 
-async fn doc_sync(State(st): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn doc_sync(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     let id = doc_id(&id)?;
     let v = st
         .node
@@ -552,9 +768,13 @@ async fn doc_sync(State(st): State<AppState>, Path(id): Path<String>) -> Result<
     v.map(Json).ok_or_else(|| ApiError::not_found("document"))
 }
 
-async fn events(State(st): State<AppState>) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+async fn events(
+    State(st): State<AppState>,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
     let rx = st.node.subscribe();
-    let stream = BroadcastStream::new(rx).filter_map(|r| r.ok()).map(|e| Ok(SseEvent::default().json_data(&e).unwrap_or_default()));
+    let stream = BroadcastStream::new(rx)
+        .filter_map(|r| r.ok())
+        .map(|e| Ok(SseEvent::default().json_data(&e).unwrap_or_default()));
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
@@ -579,7 +799,10 @@ struct TrustBody {
     enterprise_ids: Vec<EnterpriseId>,
 }
 
-async fn put_trust(State(st): State<AppState>, JsonBody(b): JsonBody<TrustBody>) -> Result<Json<Value>, ApiError> {
+async fn put_trust(
+    State(st): State<AppState>,
+    JsonBody(b): JsonBody<TrustBody>,
+) -> Result<Json<Value>, ApiError> {
     let set: std::collections::BTreeSet<EnterpriseId> = b.enterprise_ids.into_iter().collect();
     let n = set.len();
     st.node.set_alert_trust(set).await?;
@@ -587,7 +810,10 @@ async fn put_trust(State(st): State<AppState>, JsonBody(b): JsonBody<TrustBody>)
 }
 
 async fn vocabulary() -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/json")], model::VOCABULARY_JSON)
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        model::VOCABULARY_JSON,
+    )
 }
 
 async fn metrics(State(st): State<AppState>) -> Result<impl IntoResponse, ApiError> {
@@ -600,10 +826,30 @@ async fn metrics(State(st): State<AppState>) -> Result<impl IntoResponse, ApiErr
             let mut line = |name: &str, help: &str, typ: &str, v: String| {
                 s.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {typ}\n{v}"));
             };
-            line("cofab_peers", "Connected peers.", "gauge", format!("cofab_peers {}\n", c.peers.len()));
-            line("cofab_documents", "Documents held.", "gauge", format!("cofab_documents {}\n", c.replica.docs().count()));
-            line("cofab_changes_applied_total", "Changes accepted from peers.", "counter", format!("cofab_changes_applied_total {}\n", stats.changes_applied));
-            line("cofab_changes_local_total", "Changes made on this node.", "counter", format!("cofab_changes_local_total {}\n", stats.changes_local));
+            line(
+                "cofab_peers",
+                "Connected peers.",
+                "gauge",
+                format!("cofab_peers {}\n", c.peers.len()),
+            );
+            line(
+                "cofab_documents",
+                "Documents held.",
+                "gauge",
+                format!("cofab_documents {}\n", c.replica.docs().count()),
+            );
+            line(
+                "cofab_changes_applied_total",
+                "Changes accepted from peers.",
+                "counter",
+                format!("cofab_changes_applied_total {}\n", stats.changes_applied),
+            );
+            line(
+                "cofab_changes_local_total",
+                "Changes made on this node.",
+                "counter",
+                format!("cofab_changes_local_total {}\n", stats.changes_local),
+            );
             let mut rej = String::new();
             let mut reasons: BTreeMap<String, u64> = c.rejected.clone();
             for (k, v) in &stats.rejected {
@@ -612,19 +858,71 @@ async fn metrics(State(st): State<AppState>) -> Result<impl IntoResponse, ApiErr
             for (k, v) in reasons {
                 rej.push_str(&format!("cofab_rejected_total{{reason=\"{k}\"}} {v}\n"));
             }
-            line("cofab_rejected_total", "Input refused, by reason.", "counter", rej);
-            line("cofab_frames_in_total", "Sync frames received.", "counter", format!("cofab_frames_in_total {}\n", m.frames_in.load(Ordering::Relaxed)));
-            line("cofab_frames_out_total", "Sync frames sent.", "counter", format!("cofab_frames_out_total {}\n", m.frames_out.load(Ordering::Relaxed)));
-            line("cofab_store_commits_total", "Durable group commits.", "counter", format!("cofab_store_commits_total {}\n", m.commits.load(Ordering::Relaxed)));
-            line("cofab_store_bytes", "Store size on disk.", "gauge", format!("cofab_store_bytes {}\n", c.store.size_on_disk()));
+            line(
+                "cofab_rejected_total",
+                "Input refused, by reason.",
+                "counter",
+                rej,
+            );
+            line(
+                "cofab_frames_in_total",
+                "Sync frames received.",
+                "counter",
+                format!(
+                    "cofab_frames_in_total {}\n",
+                    m.frames_in.load(Ordering::Relaxed)
+                ),
+            );
+            line(
+                "cofab_frames_out_total",
+                "Sync frames sent.",
+                "counter",
+                format!(
+                    "cofab_frames_out_total {}\n",
+                    m.frames_out.load(Ordering::Relaxed)
+                ),
+            );
+            line(
+                "cofab_store_commits_total",
+                "Durable group commits.",
+                "counter",
+                format!(
+                    "cofab_store_commits_total {}\n",
+                    m.commits.load(Ordering::Relaxed)
+                ),
+            );
+            line(
+                "cofab_store_bytes",
+                "Store size on disk.",
+                "gauge",
+                format!("cofab_store_bytes {}\n", c.store.size_on_disk()),
+            );
             let mut h = String::new();
             for (i, b) in RTT_BUCKETS_US.iter().enumerate() {
-                let le = if *b == u64::MAX { "+Inf".to_string() } else { format!("{}", *b as f64 / 1e6) };
-                h.push_str(&format!("cofab_sync_latency_seconds_bucket{{le=\"{le}\"}} {}\n", m.rtt_buckets[i].load(Ordering::Relaxed)));
+                let le = if *b == u64::MAX {
+                    "+Inf".to_string()
+                } else {
+                    format!("{}", *b as f64 / 1e6)
+                };
+                h.push_str(&format!(
+                    "cofab_sync_latency_seconds_bucket{{le=\"{le}\"}} {}\n",
+                    m.rtt_buckets[i].load(Ordering::Relaxed)
+                ));
             }
-            h.push_str(&format!("cofab_sync_latency_seconds_sum {}\n", m.rtt_sum_us.load(Ordering::Relaxed) as f64 / 1e6));
-            h.push_str(&format!("cofab_sync_latency_seconds_count {}\n", m.rtt_count.load(Ordering::Relaxed)));
-            line("cofab_sync_latency_seconds", "Round trip of sync frames to peers.", "histogram", h);
+            h.push_str(&format!(
+                "cofab_sync_latency_seconds_sum {}\n",
+                m.rtt_sum_us.load(Ordering::Relaxed) as f64 / 1e6
+            ));
+            h.push_str(&format!(
+                "cofab_sync_latency_seconds_count {}\n",
+                m.rtt_count.load(Ordering::Relaxed)
+            ));
+            line(
+                "cofab_sync_latency_seconds",
+                "Round trip of sync frames to peers.",
+                "histogram",
+                h,
+            );
             s
         })
         .await?;
@@ -656,7 +954,8 @@ fn op(summary: &str, body: Option<&str>, ok: &str) -> Value {
 
 /// The OpenAPI 3.1 document of the API.
 pub fn openapi_doc() -> Value {
-    let id = json!([{ "name": "id", "in": "path", "required": true, "schema": { "type": "string" } }]);
+    let id =
+        json!([{ "name": "id", "in": "path", "required": true, "schema": { "type": "string" } }]);
     let mut paths = serde_json::Map::new();
     let mut add = |path: &str, method: &str, v: Value| {
         let e = paths.entry(path.to_string()).or_insert_with(|| json!({}));
@@ -666,34 +965,166 @@ pub fn openapi_doc() -> Value {
         }
         e[method] = v;
     };
-    add("/api/v1/status", "get", op("Node identity, listen addresses, peer and document counts", None, "200"));
+    add(
+        "/api/v1/status",
+        "get",
+        op(
+            "Node identity, listen addresses, peer and document counts",
+            None,
+            "200",
+        ),
+    );
     add("/api/v1/peers", "get", op("Connected peers", None, "200"));
-    add("/api/v1/orders", "post", op("Post an order (request for quotation)", Some("OrderInput"), "201"));
-    add("/api/v1/orders", "get", op("List orders (filters: status, process, material)", None, "200"));
-    add("/api/v1/orders/{id}", "get", op("One order with bids, award, progress", None, "200"));
-    add("/api/v1/orders/{id}/bids", "post", op("Place or replace this node's bid", Some("BidInput"), "200"));
-    add("/api/v1/orders/{id}/award", "post", op("Award the order: {\"awards\": {enterprise_id: quantity}}", Some("Award"), "200"));
-    add("/api/v1/orders/{id}/status", "post", op("Move the status along the lifecycle", Some("Status"), "200"));
-    add("/api/v1/orders/{id}/progress", "post", op("Report production progress (awarded supplier)", Some("ProgressInput"), "200"));
-    add("/api/v1/orders/{id}/discussion", "post", op("Add to the discussion", Some("Comment"), "200"));
-    add("/api/v1/capacity", "put", op("Publish this node's capacity (replaces it)", Some("CapacityInput"), "200"));
-    add("/api/v1/capacity", "get", op("Capacity across the network (filters: process, material, region)", None, "200"));
-    add("/api/v1/designs", "post", op("Create a design", Some("DesignInput"), "201"));
+    add(
+        "/api/v1/orders",
+        "post",
+        op(
+            "Post an order (request for quotation)",
+            Some("OrderInput"),
+            "201",
+        ),
+    );
+    add(
+        "/api/v1/orders",
+        "get",
+        op(
+            "List orders (filters: status, process, material)",
+            None,
+            "200",
+        ),
+    );
+    add(
+        "/api/v1/orders/{id}",
+        "get",
+        op("One order with bids, award, progress", None, "200"),
+    );
+    add(
+        "/api/v1/orders/{id}/bids",
+        "post",
+        op("Place or replace this node's bid", Some("BidInput"), "200"),
+    );
+    add(
+        "/api/v1/orders/{id}/award",
+        "post",
+        op(
+            "Award the order: {\"awards\": {enterprise_id: quantity}}",
+            Some("Award"),
+            "200",
+        ),
+    );
+    add(
+        "/api/v1/orders/{id}/status",
+        "post",
+        op("Move the status along the lifecycle", Some("Status"), "200"),
+    );
+    add(
+        "/api/v1/orders/{id}/progress",
+        "post",
+        op(
+            "Report production progress (awarded supplier)",
+            Some("ProgressInput"),
+            "200",
+        ),
+    );
+    add(
+        "/api/v1/orders/{id}/discussion",
+        "post",
+        op("Add to the discussion", Some("Comment"), "200"),
+    );
+    add(
+        "/api/v1/capacity",
+        "put",
+        op(
+            "Publish this node's capacity (replaces it)",
+            Some("CapacityInput"),
+            "200",
+        ),
+    );
+    add(
+        "/api/v1/capacity",
+        "get",
+        op(
+            "Capacity across the network (filters: process, material, region)",
+            None,
+            "200",
+        ),
+    );
+    add(
+        "/api/v1/designs",
+        "post",
+        op("Create a design", Some("DesignInput"), "201"),
+    );
     add("/api/v1/designs", "get", op("List designs", None, "200"));
     add("/api/v1/designs/{id}", "get", op("One design", None, "200"));
-    add("/api/v1/designs/{id}/text", "post", op("Splice the description text", Some("Splice"), "200"));
-    add("/api/v1/designs/{id}/parameters", "post", op("Set a parameter", Some("Parameter"), "200"));
-    add("/api/v1/designs/{id}/comments", "post", op("Comment on a design", Some("Comment"), "200"));
-    add("/api/v1/designs/{id}/releases", "post", op("Release a revision (owner or approver)", Some("Release"), "200"));
+    add(
+        "/api/v1/designs/{id}/text",
+        "post",
+        op("Splice the description text", Some("Splice"), "200"),
+    );
+    add(
+        "/api/v1/designs/{id}/parameters",
+        "post",
+        op("Set a parameter", Some("Parameter"), "200"),
+    );
+    add(
+        "/api/v1/designs/{id}/comments",
+        "post",
+        op("Comment on a design", Some("Comment"), "200"),
+    );
+    add(
+        "/api/v1/designs/{id}/releases",
+        "post",
+        op(
+            "Release a revision (owner or approver)",
+            Some("Release"),
+            "200",
+        ),
+    );
     add("/api/v1/designs/{id}/attachments/{name}", "put", op("Attach a file (raw body, Content-Type kept; at most 4 MiB); content-addressed by SHA-256", None, "201"));
-    add("/api/v1/designs/{id}/files/{key}", "get", op("Download an attachment by its SHA-256 key", None, "200"));
+    add(
+        "/api/v1/designs/{id}/files/{key}",
+        "get",
+        op("Download an attachment by its SHA-256 key", None, "200"),
+    );
     add("/api/v1/docs", "get", op("All documents held", None, "200"));
-    add("/api/v1/docs/{id}/heads", "get", op("Heads of a document", None, "200"));
-    add("/api/v1/docs/{id}/sync", "get", op("Per-peer sync state of a document", None, "200"));
-    add("/api/v1/docs/{id}/members", "post", op("Add, change or remove (role null) a member (owner only)", Some("Member"), "200"));
+    add(
+        "/api/v1/docs/{id}/heads",
+        "get",
+        op("Heads of a document", None, "200"),
+    );
+    add(
+        "/api/v1/docs/{id}/sync",
+        "get",
+        op("Per-peer sync state of a document", None, "200"),
+    );
+    add(
+        "/api/v1/docs/{id}/members",
+        "post",
+        op(
+            "Add, change or remove (role null) a member (owner only)",
+            Some("Member"),
+            "200",
+        ),
+    );
     add("/api/v1/alerts", "get", op("Security alerts published by this node and received from others; trusted reporters; banned peers", None, "200"));
-    add("/api/v1/alerts/trust", "put", op("Set the enterprises whose alerts this node acts on (their reported peers are banned)", Some("Trust"), "200"));
-    add("/api/v1/events", "get", op("Server-sent events: doc_updated, peer_connected, peer_disconnected, rejected, alert", None, "200"));
+    add(
+        "/api/v1/alerts/trust",
+        "put",
+        op(
+            "Set the enterprises whose alerts this node acts on (their reported peers are banned)",
+            Some("Trust"),
+            "200",
+        ),
+    );
+    add(
+        "/api/v1/events",
+        "get",
+        op(
+            "Server-sent events: doc_updated, peer_connected, peer_disconnected, rejected, alert",
+            None,
+            "200",
+        ),
+    );
     add("/metrics", "get", op("Prometheus metrics", None, "200"));
     paths.insert("/healthz".into(), json!({ "get": { "summary": "Liveness", "responses": { "200": { "description": "ok" } } } }));
     json!({

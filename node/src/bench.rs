@@ -21,8 +21,15 @@ struct BenchNode {
 }
 
 async fn start_node(name: &str) -> BenchNode {
-    let dir = tempfile::Builder::new().prefix("cofab-bench-").tempdir().expect("tempdir");
-    let mut cfg = NodeConfig::new(Keypair::from_secret(random_secret()), name, dir.path().join("store"));
+    let dir = tempfile::Builder::new()
+        .prefix("cofab-bench-")
+        .tempdir()
+        .expect("tempdir");
+    let mut cfg = NodeConfig::new(
+        Keypair::from_secret(random_secret()),
+        name,
+        dir.path().join("store"),
+    );
     cfg.tick = Duration::from_millis(250);
     let node = Node::start(cfg).await.expect("node starts");
     BenchNode { node, _dir: dir }
@@ -43,7 +50,10 @@ async fn connect(a: &NodeHandle, b: &NodeHandle) {
     let bid = b.info.peer_id.to_string();
     for _ in 0..2000 {
         let bid = bid.clone();
-        if a.read(move |c| c.peers.iter().any(|p| p.peer_id == bid)).await.unwrap_or(false) {
+        if a.read(move |c| c.peers.iter().any(|p| p.peer_id == bid))
+            .await
+            .unwrap_or(false)
+        {
             return;
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
@@ -52,7 +62,9 @@ async fn connect(a: &NodeHandle, b: &NodeHandle) {
 }
 
 async fn changes_of(h: &NodeHandle, id: DocId) -> usize {
-    h.read(move |c| c.replica.doc(&id).map(|d| d.change_count()).unwrap_or(0)).await.unwrap_or(0)
+    h.read(move |c| c.replica.doc(&id).map(|d| d.change_count()).unwrap_or(0))
+        .await
+        .unwrap_or(0)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -66,7 +78,11 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 fn rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
         .map(|kb| kb / 1024.0)
         .unwrap_or(f64::NAN)
 }
@@ -76,8 +92,16 @@ pub async fn latency(n: usize) -> Value {
     let a = start_node("A").await;
     let b = start_node("B").await;
     connect(&a.node.handle, &b.node.handle).await;
-    let input = DesignInput { title: "latency".into(), ..Default::default() };
-    let id = a.node.handle.create(move |kp, now, nonce| model::create_design(kp, &input, now, nonce)).await.unwrap();
+    let input = DesignInput {
+        title: "latency".into(),
+        ..Default::default()
+    };
+    let id = a
+        .node
+        .handle
+        .create(move |kp, now, nonce| model::create_design(kp, &input, now, nonce))
+        .await
+        .unwrap();
     while changes_of(&b.node.handle, id).await < 1 {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
@@ -86,11 +110,23 @@ pub async fn latency(n: usize) -> Value {
     let ids = id.to_string();
     for i in 0..n + 20 {
         let t0 = Instant::now();
-        let s = Splice { pos: i, delete: 0, insert: "x".into() };
-        a.node.handle.edit(id, move |d, kp, now| model::splice_description(d, kp, now, &s)).await.unwrap();
+        let s = Splice {
+            pos: i,
+            delete: 0,
+            insert: "x".into(),
+        };
+        a.node
+            .handle
+            .edit(id, move |d, kp, now| {
+                model::splice_description(d, kp, now, &s)
+            })
+            .await
+            .unwrap();
         loop {
             match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
-                Ok(Ok(Event::DocUpdated { doc, from: Some(_), .. })) if doc == ids => break,
+                Ok(Ok(Event::DocUpdated {
+                    doc, from: Some(_), ..
+                })) if doc == ids => break,
                 Ok(Ok(_)) => continue,
                 Ok(Err(_)) => continue,
                 Err(_) => panic!("change {i} never arrived"),
@@ -111,7 +147,12 @@ pub async fn many_docs(docs: usize) -> Value {
     let mut ids = Vec::new();
     let t_create = Instant::now();
     for i in 0..docs {
-        let input = OrderInput { title: format!("part {i}"), quantity: 10, visibility: Visibility::Public, ..Default::default() };
+        let input = OrderInput {
+            title: format!("part {i}"),
+            quantity: 10,
+            visibility: Visibility::Public,
+            ..Default::default()
+        };
         let id = a
             .node
             .handle
@@ -133,7 +174,12 @@ pub async fn many_docs(docs: usize) -> Value {
     let t0 = Instant::now();
     connect(&b.node.handle, &a.node.handle).await;
     loop {
-        let done = b.node.handle.read(|c| c.replica.docs().filter(|d| d.change_count() >= 10).count()).await.unwrap();
+        let done = b
+            .node
+            .handle
+            .read(|c| c.replica.docs().filter(|d| d.change_count() >= 10).count())
+            .await
+            .unwrap();
         if done >= docs {
             break;
         }
@@ -158,10 +204,27 @@ pub async fn large_design(chars: usize) -> Value {
         .node
         .handle
         .create(move |kp, now, nonce| {
-            let (mut doc, mut acc) = model::create_design(kp, &DesignInput { title: "large".into(), ..Default::default() }, now, nonce)?;
+            let (mut doc, mut acc) = model::create_design(
+                kp,
+                &DesignInput {
+                    title: "large".into(),
+                    ..Default::default()
+                },
+                now,
+                nonce,
+            )?;
             for i in 0..chars {
                 let ch = (b'a' + (i % 26) as u8) as char;
-                let more = model::splice_description(&mut doc, kp, now, &Splice { pos: i, delete: 0, insert: ch.to_string() })?;
+                let more = model::splice_description(
+                    &mut doc,
+                    kp,
+                    now,
+                    &Splice {
+                        pos: i,
+                        delete: 0,
+                        insert: ch.to_string(),
+                    },
+                )?;
                 merge(&mut acc, more);
             }
             Ok((doc, acc))
@@ -178,7 +241,13 @@ pub async fn large_design(chars: usize) -> Value {
     }
     let secs = t0.elapsed().as_secs_f64();
     // automerge's own load() of the same document, same process, for comparison.
-    let bytes = a.node.handle.read(move |c| c.replica.doc(&id).map(|d| d.save())).await.unwrap().unwrap();
+    let bytes = a
+        .node
+        .handle
+        .read(move |c| c.replica.doc(&id).map(|d| d.save()))
+        .await
+        .unwrap()
+        .unwrap();
     let t1 = Instant::now();
     let _ = automerge::Automerge::load(&bytes).unwrap();
     let load_s = t1.elapsed().as_secs_f64();
@@ -194,14 +263,30 @@ pub async fn sustained(n: usize, conc: usize) -> Value {
     let b = start_node("B").await;
     connect(&a.node.handle, &b.node.handle).await;
     let token = "bench-token".to_string();
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .unwrap();
     let addr = listener.local_addr().unwrap();
     let app = crate::api::router(a.node.handle.clone(), token.clone());
     let server = tokio::spawn(async move {
-        let _ = axum::serve(axum::serve::ListenerExt::tap_io(listener, |tcp| { let _ = tcp.set_nodelay(true); }), app).await;
+        let _ = axum::serve(
+            axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            }),
+            app,
+        )
+        .await;
     });
-    let input = DesignInput { title: "sustained".into(), ..Default::default() };
-    let id = a.node.handle.create(move |kp, now, nonce| model::create_design(kp, &input, now, nonce)).await.unwrap();
+    let input = DesignInput {
+        title: "sustained".into(),
+        ..Default::default()
+    };
+    let id = a
+        .node
+        .handle
+        .create(move |kp, now, nonce| model::create_design(kp, &input, now, nonce))
+        .await
+        .unwrap();
     let client = reqwest::Client::new();
     let url = format!("http://{addr}/api/v1/designs/{id}/text");
     let t0 = Instant::now();
@@ -213,7 +298,13 @@ pub async fn sustained(n: usize, conc: usize) -> Value {
         let count = n / conc + usize::from(w < n % conc);
         tasks.push(tokio::spawn(async move {
             for _ in 0..count {
-                let r = client.post(&url).bearer_auth(&token).json(&json!({ "pos": 0, "insert": "x" })).send().await.unwrap();
+                let r = client
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .json(&json!({ "pos": 0, "insert": "x" }))
+                    .send()
+                    .await
+                    .unwrap();
                 assert!(r.status().is_success());
             }
         }));
@@ -237,8 +328,16 @@ pub async fn sustained_handle(n: usize, conc: usize) -> Value {
     let a = start_node("A").await;
     let b = start_node("B").await;
     connect(&a.node.handle, &b.node.handle).await;
-    let input = DesignInput { title: "sustained".into(), ..Default::default() };
-    let id = a.node.handle.create(move |kp, now, nonce| model::create_design(kp, &input, now, nonce)).await.unwrap();
+    let input = DesignInput {
+        title: "sustained".into(),
+        ..Default::default()
+    };
+    let id = a
+        .node
+        .handle
+        .create(move |kp, now, nonce| model::create_design(kp, &input, now, nonce))
+        .await
+        .unwrap();
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..conc {
@@ -246,7 +345,20 @@ pub async fn sustained_handle(n: usize, conc: usize) -> Value {
         let count = n / conc + usize::from(w < n % conc);
         tasks.push(tokio::spawn(async move {
             for _ in 0..count {
-                h.edit(id, |d, kp, now| model::splice_description(d, kp, now, &Splice { pos: 0, delete: 0, insert: "x".into() })).await.unwrap();
+                h.edit(id, |d, kp, now| {
+                    model::splice_description(
+                        d,
+                        kp,
+                        now,
+                        &Splice {
+                            pos: 0,
+                            delete: 0,
+                            insert: "x".into(),
+                        },
+                    )
+                })
+                .await
+                .unwrap();
             }
         }));
     }
@@ -281,9 +393,19 @@ pub async fn fan_out(nodes: usize, rounds: usize) -> Value {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut samples = Vec::new();
     for r in 0..rounds {
-        let input = OrderInput { title: format!("fan-out {r}"), quantity: 1, visibility: Visibility::Public, ..Default::default() };
+        let input = OrderInput {
+            title: format!("fan-out {r}"),
+            quantity: 1,
+            visibility: Visibility::Public,
+            ..Default::default()
+        };
         let t0 = Instant::now();
-        let id = all[r % nodes].node.handle.create(move |kp, now, nonce| model::create_order(kp, &input, now, nonce)).await.unwrap();
+        let id = all[r % nodes]
+            .node
+            .handle
+            .create(move |kp, now, nonce| model::create_order(kp, &input, now, nonce))
+            .await
+            .unwrap();
         for n in &all {
             while changes_of(&n.node.handle, id).await < 1 {
                 tokio::time::sleep(Duration::from_millis(1)).await;
@@ -301,8 +423,17 @@ pub async fn memory(docs: usize) -> Value {
     let before = rss_mb();
     let a = start_node("A").await;
     for i in 0..docs {
-        let input = OrderInput { title: format!("small {i}"), quantity: 1, visibility: Visibility::Public, ..Default::default() };
-        a.node.handle.create(move |kp, now, nonce| model::create_order(kp, &input, now, nonce)).await.unwrap();
+        let input = OrderInput {
+            title: format!("small {i}"),
+            quantity: 1,
+            visibility: Visibility::Public,
+            ..Default::default()
+        };
+        a.node
+            .handle
+            .create(move |kp, now, nonce| model::create_order(kp, &input, now, nonce))
+            .await
+            .unwrap();
     }
     let after = rss_mb();
     stop(vec![a]).await;

@@ -64,7 +64,10 @@ pub struct FileConfig {
 }
 
 fn default_listen() -> Vec<String> {
-    vec!["/ip4/0.0.0.0/tcp/4001".into(), "/ip4/0.0.0.0/udp/4001/quic-v1".into()]
+    vec![
+        "/ip4/0.0.0.0/tcp/4001".into(),
+        "/ip4/0.0.0.0/udp/4001/quic-v1".into(),
+    ]
 }
 fn default_api() -> String {
     "127.0.0.1:8080".into()
@@ -135,22 +138,34 @@ trust_alerts_from = []
     pub fn key(&self) -> Result<Keypair, ConfigError> {
         let p = self.key_file();
         let s = fs::read_to_string(&p).map_err(|_| ConfigError::Missing(p.clone()))?;
-        let bytes = unhex(s.trim()).ok_or_else(|| ConfigError::Invalid { path: p.clone(), msg: "expected 64 hex characters".into() })?;
-        let secret: [u8; 32] = bytes.try_into().map_err(|_| ConfigError::Invalid { path: p, msg: "expected 32 bytes".into() })?;
+        let bytes = unhex(s.trim()).ok_or_else(|| ConfigError::Invalid {
+            path: p.clone(),
+            msg: "expected 64 hex characters".into(),
+        })?;
+        let secret: [u8; 32] = bytes.try_into().map_err(|_| ConfigError::Invalid {
+            path: p,
+            msg: "expected 32 bytes".into(),
+        })?;
         Ok(Keypair::from_secret(secret))
     }
 
     /// Reads the API token.
     pub fn token(&self) -> Result<String, ConfigError> {
         let p = self.token_file();
-        Ok(fs::read_to_string(&p).map_err(|_| ConfigError::Missing(p))?.trim().to_string())
+        Ok(fs::read_to_string(&p)
+            .map_err(|_| ConfigError::Missing(p))?
+            .trim()
+            .to_string())
     }
 
     /// Reads the config file.
     pub fn config(&self) -> Result<FileConfig, ConfigError> {
         let p = self.config_file();
         let s = fs::read_to_string(&p).map_err(|_| ConfigError::Missing(p.clone()))?;
-        toml::from_str(&s).map_err(|e| ConfigError::Invalid { path: p, msg: e.to_string() })
+        toml::from_str(&s).map_err(|e| ConfigError::Invalid {
+            path: p,
+            msg: e.to_string(),
+        })
     }
 }
 
@@ -176,7 +191,10 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
     if s.len() % 2 != 0 {
         return None;
     }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 /// 32 random bytes from the OS.

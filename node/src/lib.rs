@@ -18,6 +18,6 @@ pub mod network;
 pub mod node;
 pub mod store;
 
-pub use node::{Event, Node, NodeConfig, NodeError, NodeHandle};
 /// The libp2p this node is built on (its `PeerId` and `Multiaddr` are in the public API; test peers use it).
 pub use libp2p;
+pub use node::{Event, Node, NodeConfig, NodeError, NodeHandle};

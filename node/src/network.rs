@@ -15,7 +15,10 @@ use cofab_protocol::{EnterpriseId, Keypair};
 use futures::prelude::*;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{connection_limits, gossipsub, identify, identity, kad, mdns, noise, ping, request_response, tcp, yamux, PeerId, StreamProtocol, Swarm};
+use libp2p::{
+    connection_limits, gossipsub, identify, identity, kad, mdns, noise, ping, request_response,
+    tcp, yamux, PeerId, StreamProtocol, Swarm,
+};
 
 /// The sync protocol name.
 pub const SYNC_PROTOCOL: StreamProtocol = StreamProtocol::new("/cofab/sync/1");
@@ -65,7 +68,10 @@ pub enum SyncRequest {
 
 async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, bytes: &[u8]) -> io::Result<()> {
     if bytes.len() > MAX_FRAME_BYTES {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "frame too large"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "frame too large",
+        ));
     }
     io.write_all(&(bytes.len() as u32).to_be_bytes()).await?;
     io.write_all(bytes).await?;
@@ -77,7 +83,11 @@ impl request_response::Codec for SyncCodec {
     type Request = SyncRequest;
     type Response = u8;
 
-    async fn read_request<T: AsyncRead + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<SyncRequest> {
+    async fn read_request<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<SyncRequest> {
         let mut len = [0u8; 4];
         io.read_exact(&mut len).await?;
         let len = u32::from_be_bytes(len) as usize;
@@ -88,18 +98,35 @@ impl request_response::Codec for SyncCodec {
         io.read_exact(&mut buf).await?;
         Ok(SyncRequest::Frame(buf))
     }
-    async fn read_response<T: AsyncRead + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<u8> {
+    async fn read_response<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<u8> {
         let mut b = [0u8; 1];
         io.read_exact(&mut b).await?;
         Ok(b[0])
     }
-    async fn write_request<T: AsyncWrite + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T, req: SyncRequest) -> io::Result<()> {
+    async fn write_request<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: SyncRequest,
+    ) -> io::Result<()> {
         match req {
             SyncRequest::Frame(bytes) => write_frame(io, &bytes).await,
-            SyncRequest::Oversized(n) => Err(io::Error::new(io::ErrorKind::InvalidInput, format!("frame of {n} bytes over the limit"))),
+            SyncRequest::Oversized(n) => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("frame of {n} bytes over the limit"),
+            )),
         }
     }
-    async fn write_response<T: AsyncWrite + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T, res: u8) -> io::Result<()> {
+    async fn write_response<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: u8,
+    ) -> io::Result<()> {
         io.write_all(&[res]).await?;
         io.flush().await
     }
@@ -112,7 +139,8 @@ pub fn libp2p_keypair(key: &Keypair) -> identity::Keypair {
 
 /// The `PeerId` of an enterprise.
 pub fn peer_id_of(id: &EnterpriseId) -> PeerId {
-    let pk = identity::ed25519::PublicKey::try_from_bytes(id.as_bytes()).expect("enterprise ids are valid keys");
+    let pk = identity::ed25519::PublicKey::try_from_bytes(id.as_bytes())
+        .expect("enterprise ids are valid keys");
     identity::PublicKey::from(pk).to_peer_id()
 }
 
@@ -128,7 +156,10 @@ pub fn enterprise_of(peer: &PeerId) -> Option<EnterpriseId> {
 }
 
 /// Builds the swarm for `key`.
-pub fn build_swarm(key: &Keypair, enable_mdns: bool) -> Result<Swarm<Behaviour>, Box<dyn std::error::Error + Send + Sync>> {
+pub fn build_swarm(
+    key: &Keypair,
+    enable_mdns: bool,
+) -> Result<Swarm<Behaviour>, Box<dyn std::error::Error + Send + Sync>> {
     build_swarm_with_limit(key, enable_mdns, MAX_CONNECTIONS)
 }
 
@@ -140,7 +171,11 @@ pub fn build_swarm_with_limit(
 ) -> Result<Swarm<Behaviour>, Box<dyn std::error::Error + Send + Sync>> {
     let swarm = libp2p::SwarmBuilder::with_existing_identity(libp2p_keypair(key))
         .with_tokio()
-        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)?
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )?
         .with_quic()
         .with_behaviour(|k| {
             let peer_id = k.public().to_peer_id();
@@ -150,13 +185,27 @@ pub fn build_swarm_with_limit(
                 .max_transmit_size(256 * 1024)
                 .build()
                 .map_err(|e| io::Error::other(e.to_string()))?;
-            let gossip = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(k.clone()), gossip_cfg)
-                .map_err(|e| io::Error::other(e.to_string()))?;
+            let gossip = gossipsub::Behaviour::new(
+                gossipsub::MessageAuthenticity::Signed(k.clone()),
+                gossip_cfg,
+            )
+            .map_err(|e| io::Error::other(e.to_string()))?;
             let mut kad_cfg = kad::Config::new(StreamProtocol::new("/cofab/kad/1"));
             kad_cfg.set_query_timeout(Duration::from_secs(30));
-            let mut kad = kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_cfg);
+            let mut kad = kad::Behaviour::with_config(
+                peer_id,
+                kad::store::MemoryStore::new(peer_id),
+                kad_cfg,
+            );
             kad.set_mode(Some(kad::Mode::Server));
-            let mdns = if enable_mdns { Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?) } else { None };
+            let mdns = if enable_mdns {
+                Some(mdns::tokio::Behaviour::new(
+                    mdns::Config::default(),
+                    peer_id,
+                )?)
+            } else {
+                None
+            };
             Ok(Behaviour {
                 limits: connection_limits::Behaviour::new(
                     connection_limits::ConnectionLimits::default()
@@ -172,7 +221,10 @@ pub fn build_swarm_with_limit(
                 ),
                 gossip,
                 kad,
-                identify: identify::Behaviour::new(identify::Config::new("/cofab/1.0.0".into(), k.public())),
+                identify: identify::Behaviour::new(identify::Config::new(
+                    "/cofab/1.0.0".into(),
+                    k.public(),
+                )),
                 ping: ping::Behaviour::default(),
                 mdns: Toggle::from(mdns),
             })

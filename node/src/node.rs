@@ -55,7 +55,12 @@ pub struct RateLimiter {
 impl RateLimiter {
     /// A full bucket.
     pub fn new(rate: f64, burst: f64, now: Instant) -> Self {
-        Self { tokens: burst, rate, burst, last: now }
+        Self {
+            tokens: burst,
+            rate,
+            burst,
+            last: now,
+        }
     }
     /// Takes a token if there is one.
     pub fn allow(&mut self, now: Instant) -> bool {
@@ -239,7 +244,20 @@ pub struct Metrics {
 }
 
 /// Upper bounds (µs) of the sync latency histogram.
-pub const RTT_BUCKETS_US: [u64; 12] = [100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 1_000_000, u64::MAX];
+pub const RTT_BUCKETS_US: [u64; 12] = [
+    100,
+    250,
+    500,
+    1_000,
+    2_500,
+    5_000,
+    10_000,
+    25_000,
+    50_000,
+    100_000,
+    1_000_000,
+    u64::MAX,
+];
 
 impl Metrics {
     fn observe_rtt(&self, us: u64) {
@@ -290,17 +308,37 @@ pub struct ReadCtx<'a> {
 
 type ReadFn = Box<dyn FnOnce(&ReadCtx<'_>) + Send>;
 type EditFn = Box<dyn FnOnce(&mut Document, &Keypair, i64) -> Result<Accepted, EditError> + Send>;
-type CreateFn = Box<dyn FnOnce(&Keypair, i64, u64) -> Result<(Document, Accepted), EditError> + Send>;
+type CreateFn =
+    Box<dyn FnOnce(&Keypair, i64, u64) -> Result<(Document, Accepted), EditError> + Send>;
 type Reply = Box<dyn FnOnce(Result<(), NodeError>) + Send>;
 
 enum Command {
     Read(ReadFn),
-    Edit { doc: DocId, f: EditFn, reply: oneshot::Sender<Result<(), NodeError>> },
-    Create { f: CreateFn, reply: oneshot::Sender<Result<DocId, NodeError>> },
-    Dial { addr: Multiaddr, reply: oneshot::Sender<Result<(), NodeError>> },
-    Block { peer: PeerId, block: bool, reply: oneshot::Sender<()> },
-    Trust { enterprises: std::collections::BTreeSet<EnterpriseId>, reply: oneshot::Sender<()> },
-    Shutdown { reply: oneshot::Sender<()> },
+    Edit {
+        doc: DocId,
+        f: EditFn,
+        reply: oneshot::Sender<Result<(), NodeError>>,
+    },
+    Create {
+        f: CreateFn,
+        reply: oneshot::Sender<Result<DocId, NodeError>>,
+    },
+    Dial {
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<(), NodeError>>,
+    },
+    Block {
+        peer: PeerId,
+        block: bool,
+        reply: oneshot::Sender<()>,
+    },
+    Trust {
+        enterprises: std::collections::BTreeSet<EnterpriseId>,
+        reply: oneshot::Sender<()>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// Fixed facts about a running node.
@@ -326,12 +364,18 @@ pub struct NodeHandle {
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 impl NodeHandle {
     /// Runs `f` on the event loop with read access to the node's state.
-    pub async fn read<T: Send + 'static>(&self, f: impl FnOnce(&ReadCtx<'_>) -> T + Send + 'static) -> Result<T, NodeError> {
+    pub async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&ReadCtx<'_>) -> T + Send + 'static,
+    ) -> Result<T, NodeError> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Command::Read(Box::new(move |ctx| {
@@ -348,7 +392,13 @@ impl NodeHandle {
         f: impl FnOnce(&Keypair, i64, u64) -> Result<(Document, Accepted), EditError> + Send + 'static,
     ) -> Result<DocId, NodeError> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(Command::Create { f: Box::new(f), reply: tx }).await.map_err(|_| NodeError::Stopped)?;
+        self.tx
+            .send(Command::Create {
+                f: Box::new(f),
+                reply: tx,
+            })
+            .await
+            .map_err(|_| NodeError::Stopped)?;
         rx.await.map_err(|_| NodeError::Stopped)?
     }
 
@@ -359,14 +409,24 @@ impl NodeHandle {
         f: impl FnOnce(&mut Document, &Keypair, i64) -> Result<Accepted, EditError> + Send + 'static,
     ) -> Result<(), NodeError> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(Command::Edit { doc, f: Box::new(f), reply: tx }).await.map_err(|_| NodeError::Stopped)?;
+        self.tx
+            .send(Command::Edit {
+                doc,
+                f: Box::new(f),
+                reply: tx,
+            })
+            .await
+            .map_err(|_| NodeError::Stopped)?;
         rx.await.map_err(|_| NodeError::Stopped)?
     }
 
     /// Dials a peer address.
     pub async fn dial(&self, addr: Multiaddr) -> Result<(), NodeError> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(Command::Dial { addr, reply: tx }).await.map_err(|_| NodeError::Stopped)?;
+        self.tx
+            .send(Command::Dial { addr, reply: tx })
+            .await
+            .map_err(|_| NodeError::Stopped)?;
         rx.await.map_err(|_| NodeError::Stopped)?
     }
 
@@ -379,9 +439,18 @@ impl NodeHandle {
     }
 
     /// Sets the enterprises whose security alerts this node acts on.
-    pub async fn set_alert_trust(&self, enterprises: std::collections::BTreeSet<EnterpriseId>) -> Result<(), NodeError> {
+    pub async fn set_alert_trust(
+        &self,
+        enterprises: std::collections::BTreeSet<EnterpriseId>,
+    ) -> Result<(), NodeError> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(Command::Trust { enterprises, reply: tx }).await.map_err(|_| NodeError::Stopped)?;
+        self.tx
+            .send(Command::Trust {
+                enterprises,
+                reply: tx,
+            })
+            .await
+            .map_err(|_| NodeError::Stopped)?;
         rx.await.map_err(|_| NodeError::Stopped)
     }
 
@@ -412,13 +481,20 @@ impl Node {
         let store = tokio::task::spawn_blocking(move || Store::open(&dir))
             .await
             .map_err(|e| NodeError::Start(e.to_string()))?
-            .map_err(|e| NodeError::Start(format!("opening store in {}: {e}", config.store_dir.display())))?;
+            .map_err(|e| {
+                NodeError::Start(format!(
+                    "opening store in {}: {e}",
+                    config.store_dir.display()
+                ))
+            })?;
         let store = Arc::new(store);
         let mut replica = Replica::new(config.key.clone());
         replica.policy = config.fetch.clone();
         let stored = {
             let s = store.clone();
-            tokio::task::spawn_blocking(move || s.load_all()).await.map_err(|e| NodeError::Start(e.to_string()))?
+            tokio::task::spawn_blocking(move || s.load_all())
+                .await
+                .map_err(|e| NodeError::Start(e.to_string()))?
         }
         .map_err(|e| NodeError::Start(e.to_string()))?;
         let mut incremental = HashMap::new();
@@ -429,13 +505,25 @@ impl Node {
                 .map_err(|e| NodeError::Start(format!("loading document {id}: {e}")))?;
             replica.load(doc);
         }
-        let mut swarm = network::build_swarm_with_limit(&config.key, config.mdns, config.max_connections).map_err(|e| NodeError::Start(e.to_string()))?;
+        let mut swarm =
+            network::build_swarm_with_limit(&config.key, config.mdns, config.max_connections)
+                .map_err(|e| NodeError::Start(e.to_string()))?;
         let topic = gossipsub::IdentTopic::new(network::ANNOUNCE_TOPIC);
-        swarm.behaviour_mut().gossip.subscribe(&topic).map_err(|e| NodeError::Start(e.to_string()))?;
+        swarm
+            .behaviour_mut()
+            .gossip
+            .subscribe(&topic)
+            .map_err(|e| NodeError::Start(e.to_string()))?;
         let alerts_topic = gossipsub::IdentTopic::new(network::ALERTS_TOPIC);
-        swarm.behaviour_mut().gossip.subscribe(&alerts_topic).map_err(|e| NodeError::Start(e.to_string()))?;
+        swarm
+            .behaviour_mut()
+            .gossip
+            .subscribe(&alerts_topic)
+            .map_err(|e| NodeError::Start(e.to_string()))?;
         for a in &config.listen {
-            swarm.listen_on(a.clone()).map_err(|e| NodeError::Start(format!("listen on {a}: {e}")))?;
+            swarm
+                .listen_on(a.clone())
+                .map_err(|e| NodeError::Start(format!("listen on {a}: {e}")))?;
         }
         // Wait until each listener reports its address.
         let mut listen_addrs = Vec::new();
@@ -443,16 +531,27 @@ impl Node {
         while listen_addrs.len() < config.listen.len() && Instant::now() < deadline {
             match tokio::time::timeout(Duration::from_millis(200), swarm.select_next_some()).await {
                 Ok(SwarmEvent::NewListenAddr { address, .. }) => listen_addrs.push(address),
-                Ok(SwarmEvent::ListenerError { error, .. }) => return Err(NodeError::Start(error.to_string())),
+                Ok(SwarmEvent::ListenerError { error, .. }) => {
+                    return Err(NodeError::Start(error.to_string()))
+                }
                 _ => {}
             }
         }
         // Peer book: redial the peers we were connected to before.
         let book = store.settings_with_prefix("peer/").unwrap_or_default();
         for (k, v) in book.iter().take(64) {
-            let (Ok(pid), Ok(addr)) = (k.trim_start_matches("peer/").parse::<PeerId>(), String::from_utf8_lossy(v).parse::<Multiaddr>()) else { continue };
+            let (Ok(pid), Ok(addr)) = (
+                k.trim_start_matches("peer/").parse::<PeerId>(),
+                String::from_utf8_lossy(v).parse::<Multiaddr>(),
+            ) else {
+                continue;
+            };
             swarm.behaviour_mut().kad.add_address(&pid, addr.clone());
-            let _ = swarm.dial(libp2p::swarm::dial_opts::DialOpts::peer_id(pid).addresses(vec![addr]).build());
+            let _ = swarm.dial(
+                libp2p::swarm::dial_opts::DialOpts::peer_id(pid)
+                    .addresses(vec![addr])
+                    .build(),
+            );
         }
         for b in &config.bootstrap {
             if let Some(libp2p::multiaddr::Protocol::P2p(pid)) = b.iter().last() {
@@ -464,9 +563,18 @@ impl Node {
         }
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let (events, _) = broadcast::channel(EVENT_QUEUE);
-        let info = Arc::new(NodeInfo { peer_id: *swarm.local_peer_id(), enterprise_id: config.key.id(), name: config.name.clone() });
+        let info = Arc::new(NodeInfo {
+            peer_id: *swarm.local_peer_id(),
+            enterprise_id: config.key.id(),
+            name: config.name.clone(),
+        });
         let metrics = Arc::new(Metrics::default());
-        let handle = NodeHandle { tx, events: events.clone(), info, metrics: metrics.clone() };
+        let handle = NodeHandle {
+            tx,
+            events: events.clone(),
+            info,
+            metrics: metrics.clone(),
+        };
         let (store_tx, store_rx) = std::sync::mpsc::channel();
         let (done_tx, store_done) = mpsc::unbounded_channel();
         let store_thread_handle = {
@@ -501,7 +609,11 @@ impl Node {
             alerts: Default::default(),
             trusted: config.trust_alerts_from.clone(),
             alerted: HashMap::new(),
-            alert_limiter: RateLimiter::new(ALERTS_PER_MINUTE / 60.0, ALERTS_PER_MINUTE, Instant::now()),
+            alert_limiter: RateLimiter::new(
+                ALERTS_PER_MINUTE / 60.0,
+                ALERTS_PER_MINUTE,
+                Instant::now(),
+            ),
             reporter_limiters: HashMap::new(),
             tick: config.tick,
             has_bootstrap: !config.bootstrap.is_empty(),
@@ -573,7 +685,11 @@ struct EventLoop {
 
 /// The store thread: takes every group queued while the previous commit ran and makes
 /// them durable with one flush + fdatasync (group commit), then reports the highest id.
-fn store_thread(store: Arc<Store>, rx: std::sync::mpsc::Receiver<(u64, Vec<Write>)>, done: mpsc::UnboundedSender<(u64, Result<(), String>)>) {
+fn store_thread(
+    store: Arc<Store>,
+    rx: std::sync::mpsc::Receiver<(u64, Vec<Write>)>,
+    done: mpsc::UnboundedSender<(u64, Result<(), String>)>,
+) {
     while let Ok((mut last, mut writes)) = rx.recv() {
         while let Ok((id, more)) = rx.try_recv() {
             last = id;
@@ -581,7 +697,12 @@ fn store_thread(store: Arc<Store>, rx: std::sync::mpsc::Receiver<(u64, Vec<Write
         }
         let t = Instant::now();
         let r = store.apply(&writes).map_err(|e| e.to_string());
-        tracing::debug!(writes = writes.len(), batches_to = last, us = t.elapsed().as_micros() as u64, "group commit");
+        tracing::debug!(
+            writes = writes.len(),
+            batches_to = last,
+            us = t.elapsed().as_micros() as u64,
+            "group commit"
+        );
         if done.send((last, r)).is_err() {
             return;
         }
@@ -689,7 +810,11 @@ impl EventLoop {
                         if public {
                             self.pending.announce.push(id);
                         }
-                        self.pending.events.push(Event::DocUpdated { doc: id.to_string(), kind, from: None });
+                        self.pending.events.push(Event::DocUpdated {
+                            doc: id.to_string(),
+                            kind,
+                            from: None,
+                        });
                         self.pending.replies.push(Box::new(move |r| {
                             let _ = reply.send(r.map(|_| id));
                         }));
@@ -705,7 +830,11 @@ impl EventLoop {
                         if d.genesis().visibility == Visibility::Public {
                             self.pending.announce.push(doc);
                         }
-                        self.pending.events.push(Event::DocUpdated { doc: doc.to_string(), kind: d.genesis().kind, from: None });
+                        self.pending.events.push(Event::DocUpdated {
+                            doc: doc.to_string(),
+                            kind: d.genesis().kind,
+                            from: None,
+                        });
                     }
                     self.outputs(outs, None);
                     self.pending.replies.push(Box::new(move |r| {
@@ -717,7 +846,10 @@ impl EventLoop {
                 }
             },
             Command::Dial { addr, reply } => {
-                let r = self.swarm.dial(addr).map_err(|e| NodeError::Network(e.to_string()));
+                let r = self
+                    .swarm
+                    .dial(addr)
+                    .map_err(|e| NodeError::Network(e.to_string()));
                 let _ = reply.send(r);
             }
             Command::Trust { enterprises, reply } => {
@@ -753,19 +885,31 @@ impl EventLoop {
         for o in outs {
             match o {
                 Output::Send { to, msg } => self.pending.sends.entry(to).or_default().push(msg),
-                Output::Persist { doc, genesis, accepted } => {
+                Output::Persist {
+                    doc,
+                    genesis,
+                    accepted,
+                } => {
                     *self.incremental.entry(doc).or_default() += accepted.changes.len();
                     if accepted.snapshot.is_some() {
                         self.incremental.insert(doc, 0);
                     }
-                    self.pending.writes.push(Write::Doc { doc, genesis, accepted });
+                    self.pending.writes.push(Write::Doc {
+                        doc,
+                        genesis,
+                        accepted,
+                    });
                 }
                 Output::Rejected { from, doc, error } => {
                     let peer = network::peer_id_of(&from);
                     self.reject(peer, Some(doc), error.reason(), error.to_string());
                 }
                 Output::Updated { doc, kind, from } => {
-                    self.pending.events.push(Event::DocUpdated { doc: doc.to_string(), kind, from: Some(from.to_string()) });
+                    self.pending.events.push(Event::DocUpdated {
+                        doc: doc.to_string(),
+                        kind,
+                        from: Some(from.to_string()),
+                    });
                 }
             }
         }
@@ -776,7 +920,12 @@ impl EventLoop {
         tracing::warn!(%peer, ?doc, reason, %detail, "refused input");
         let detail_for_alert = detail.clone();
         *self.rejected.entry(reason.to_string()).or_default() += 1;
-        self.pending.events.push(Event::Rejected { peer_id: peer.to_string(), doc: doc.map(|d| d.to_string()), reason: reason.to_string(), detail });
+        self.pending.events.push(Event::Rejected {
+            peer_id: peer.to_string(),
+            doc: doc.map(|d| d.to_string()),
+            reason: reason.to_string(),
+            detail,
+        });
         if reason != "missing_deps" {
             self.publish_alert(peer, doc, reason, &detail_for_alert);
         }
@@ -798,20 +947,39 @@ impl EventLoop {
                     self.listen_addrs.push(address);
                 }
             }
-            SwarmEvent::ExpiredListenAddr { address, .. } => self.listen_addrs.retain(|a| a != &address),
-            SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. } => {
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.listen_addrs.retain(|a| a != &address)
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
                 if self.banned.contains(&peer_id) {
                     let _ = self.swarm.disconnect_peer_id(peer_id);
                     return;
                 }
                 let addr = endpoint.get_remote_address().clone();
                 if endpoint.is_dialer() {
-                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr.clone());
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer_id, addr.clone());
                     // Remember the address in the peer book (made durable with the next commit).
-                    self.pending.writes.push(Write::Setting { key: format!("peer/{peer_id}"), value: addr.to_string().into_bytes() });
+                    self.pending.writes.push(Write::Setting {
+                        key: format!("peer/{peer_id}"),
+                        value: addr.to_string().into_bytes(),
+                    });
                 }
                 let enterprise = network::enterprise_of(&peer_id);
-                let st = self.peers.entry(peer_id).or_insert(PeerState { limiter: RateLimiter::new(MAX_FRAMES_PER_SEC, FRAME_BURST, Instant::now()), enterprise, addrs: Vec::new(), standing: 0, connected_ms: now_ms() });
+                let st = self.peers.entry(peer_id).or_insert(PeerState {
+                    limiter: RateLimiter::new(MAX_FRAMES_PER_SEC, FRAME_BURST, Instant::now()),
+                    enterprise,
+                    addrs: Vec::new(),
+                    standing: 0,
+                    connected_ms: now_ms(),
+                });
                 st.addrs.push(addr);
                 if num_established.get() == 1 {
                     tracing::info!(%peer_id, "peer connected");
@@ -819,14 +987,22 @@ impl EventLoop {
                         // First contact: look for the rest of the network.
                         let _ = self.swarm.behaviour_mut().kad.bootstrap();
                     }
-                    self.pending.events.push(Event::PeerConnected { peer_id: peer_id.to_string(), enterprise_id: enterprise.map(|e| e.to_string()) });
+                    self.pending.events.push(Event::PeerConnected {
+                        peer_id: peer_id.to_string(),
+                        enterprise_id: enterprise.map(|e| e.to_string()),
+                    });
                     if let Some(e) = enterprise {
                         let outs = self.replica.peer_connected(e);
                         self.outputs(outs, Some(peer_id));
                     }
                 }
             }
-            SwarmEvent::ConnectionClosed { peer_id, num_established, endpoint, .. } => {
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established,
+                endpoint,
+                ..
+            } => {
                 if let Some(st) = self.peers.get_mut(&peer_id) {
                     let a = endpoint.get_remote_address();
                     if let Some(i) = st.addrs.iter().position(|x| x == a) {
@@ -840,11 +1016,17 @@ impl EventLoop {
                     if let Some(e) = network::enterprise_of(&peer_id) {
                         self.replica.peer_disconnected(&e);
                     }
-                    self.pending.events.push(Event::PeerDisconnected { peer_id: peer_id.to_string() });
+                    self.pending.events.push(Event::PeerDisconnected {
+                        peer_id: peer_id.to_string(),
+                    });
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Sync(ev)) => self.sync_event(ev),
-            SwarmEvent::Behaviour(BehaviourEvent::Gossip(gossipsub::Event::Message { propagation_source, message, .. })) => {
+            SwarmEvent::Behaviour(BehaviourEvent::Gossip(gossipsub::Event::Message {
+                propagation_source,
+                message,
+                ..
+            })) => {
                 if message.topic == self.alerts_topic.hash() {
                     self.alert_received(propagation_source, message);
                 } else {
@@ -854,18 +1036,30 @@ impl EventLoop {
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
                 for (peer, addr) in list {
                     if !self.peers.contains_key(&peer) && !self.banned.contains(&peer) {
-                        self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                        self.swarm
+                            .behaviour_mut()
+                            .kad
+                            .add_address(&peer, addr.clone());
                         let _ = self.swarm.dial(addr);
                     }
                 }
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
                 for a in info.listen_addrs {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, a);
                 }
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, .. })) => {
-                if !self.peers.contains_key(&peer) && !self.banned.contains(&peer) && peer != *self.swarm.local_peer_id() {
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::RoutingUpdated {
+                peer, ..
+            })) => {
+                if !self.peers.contains_key(&peer)
+                    && !self.banned.contains(&peer)
+                    && peer != *self.swarm.local_peer_id()
+                {
                     let _ = self.swarm.dial(peer);
                 }
             }
@@ -876,11 +1070,21 @@ impl EventLoop {
     fn sync_event(&mut self, ev: request_response::Event<network::SyncRequest, u8>) {
         match ev {
             request_response::Event::Message { peer, message, .. } => match message {
-                request_response::Message::Request { request, channel, .. } => {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
                     // Status byte: 0 = taken, 1 = refused unread (over the size limit).
                     let status = u8::from(matches!(request, network::SyncRequest::Oversized(_)));
-                    let _ = self.swarm.behaviour_mut().sync.send_response(channel, status);
-                    if !self.peers.get_mut(&peer).is_none_or(|p| p.limiter.allow(Instant::now())) {
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .sync
+                        .send_response(channel, status);
+                    if !self
+                        .peers
+                        .get_mut(&peer)
+                        .is_none_or(|p| p.limiter.allow(Instant::now()))
+                    {
                         // Counted, not logged one by one and no standing lost: a busy honest
                         // peer can hit the limit too, and sync repairs what is dropped.
                         *self.rejected.entry("rate_limited".to_string()).or_default() += 1;
@@ -889,14 +1093,26 @@ impl EventLoop {
                     let request = match request {
                         network::SyncRequest::Frame(bytes) => bytes,
                         network::SyncRequest::Oversized(len) => {
-                            self.reject(peer, None, "oversized", format!("frame of {len} bytes exceeds {MAX_FRAME_BYTES}"));
+                            self.reject(
+                                peer,
+                                None,
+                                "oversized",
+                                format!("frame of {len} bytes exceeds {MAX_FRAME_BYTES}"),
+                            );
                             return;
                         }
                     };
                     self.metrics.frames_in.fetch_add(1, Ordering::Relaxed);
-                    self.metrics.bytes_in.fetch_add(request.len() as u64, Ordering::Relaxed);
+                    self.metrics
+                        .bytes_in
+                        .fetch_add(request.len() as u64, Ordering::Relaxed);
                     let Some(from) = network::enterprise_of(&peer) else {
-                        self.reject(peer, None, "unbound_peer", "peer id is not an ed25519 key".into());
+                        self.reject(
+                            peer,
+                            None,
+                            "unbound_peer",
+                            "peer id is not an ed25519 key".into(),
+                        );
                         return;
                     };
                     match Frame::decode(&request) {
@@ -911,7 +1127,12 @@ impl EventLoop {
                         Ok(Frame::Alert(_)) => {
                             // Alerts travel on the gossip topic, signed by their reporter; one sent
                             // directly would carry no such proof.
-                            self.reject(peer, None, "malformed_frame", "alert sent outside the alerts topic".into());
+                            self.reject(
+                                peer,
+                                None,
+                                "malformed_frame",
+                                "alert sent outside the alerts topic".into(),
+                            );
                         }
                         Err(e) => {
                             let reason = match e {
@@ -930,7 +1151,12 @@ impl EventLoop {
                     }
                 }
             },
-            request_response::Event::OutboundFailure { request_id, peer, error, .. } => {
+            request_response::Event::OutboundFailure {
+                request_id,
+                peer,
+                error,
+                ..
+            } => {
                 self.frame_done(&request_id);
                 tracing::debug!(%peer, %error, "sync send failed");
             }
@@ -950,9 +1176,15 @@ impl EventLoop {
     /// can publish an alert in our name.
     fn publish_alert(&mut self, peer: PeerId, doc: Option<DocId>, reason: &str, detail: &str) {
         use sha2::Digest;
-        let Some(offender) = network::enterprise_of(&peer) else { return };
+        let Some(offender) = network::enterprise_of(&peer) else {
+            return;
+        };
         let now = Instant::now();
-        if self.alerted.get(&peer).is_some_and(|t| now.duration_since(*t) < Duration::from_secs(60)) {
+        if self
+            .alerted
+            .get(&peer)
+            .is_some_and(|t| now.duration_since(*t) < Duration::from_secs(60))
+        {
             return;
         }
         if !self.alert_limiter.allow(now) {
@@ -964,9 +1196,22 @@ impl EventLoop {
         h.update(doc.map(|d| d.0).unwrap_or_default());
         h.update(detail.as_bytes());
         let evidence: [u8; 32] = h.finalize().into();
-        let alert = cofab_protocol::wire::Alert { offender, reason: reason.chars().take(cofab_protocol::wire::MAX_ALERT_REASON).collect(), evidence, at_ms: now_ms() };
+        let alert = cofab_protocol::wire::Alert {
+            offender,
+            reason: reason
+                .chars()
+                .take(cofab_protocol::wire::MAX_ALERT_REASON)
+                .collect(),
+            evidence,
+            at_ms: now_ms(),
+        };
         let topic = self.alerts_topic.clone();
-        if let Err(e) = self.swarm.behaviour_mut().gossip.publish(topic, Frame::Alert(alert.clone()).encode()) {
+        if let Err(e) = self
+            .swarm
+            .behaviour_mut()
+            .gossip
+            .publish(topic, Frame::Alert(alert.clone()).encode())
+        {
             tracing::debug!("alert not published: {e}");
         }
         self.record_alert(AlertRecord {
@@ -996,16 +1241,26 @@ impl EventLoop {
             return;
         };
         let Ok(Frame::Alert(a)) = Frame::decode(&message.data) else {
-            self.reject(via, None, "malformed_alert", "not an alert frame on the alerts topic".into());
+            self.reject(
+                via,
+                None,
+                "malformed_alert",
+                "not an alert frame on the alerts topic".into(),
+            );
             return;
         };
         let now = Instant::now();
-        let limiter = self.reporter_limiters.entry(reporter).or_insert_with(|| RateLimiter::new(ALERTS_PER_MINUTE / 60.0, ALERTS_PER_MINUTE, now));
+        let limiter = self
+            .reporter_limiters
+            .entry(reporter)
+            .or_insert_with(|| RateLimiter::new(ALERTS_PER_MINUTE / 60.0, ALERTS_PER_MINUTE, now));
         if !limiter.allow(now) {
             *self.rejected.entry("alert_flood".into()).or_default() += 1;
             return;
         }
-        let trusted = self.trusted.contains(&reporter) && a.offender != self.replica.id() && !self.trusted.contains(&a.offender);
+        let trusted = self.trusted.contains(&reporter)
+            && a.offender != self.replica.id()
+            && !self.trusted.contains(&a.offender);
         if trusted {
             let offender = network::peer_id_of(&a.offender);
             tracing::warn!(%offender, reporter = %reporter, reason = %a.reason, "banning a peer reported by a trusted enterprise");
@@ -1029,13 +1284,20 @@ impl EventLoop {
                 let origin = message.source.unwrap_or(source);
                 self.announced(origin, items)
             }
-            Ok(_) => self.reject(source, None, "malformed_frame", "sync frame on the announce topic".into()),
+            Ok(_) => self.reject(
+                source,
+                None,
+                "malformed_frame",
+                "sync frame on the announce topic".into(),
+            ),
             Err(e) => self.reject(source, None, "malformed_frame", e.to_string()),
         }
     }
 
     fn announced(&mut self, origin: PeerId, items: Vec<Announcement>) {
-        let Some(e) = network::enterprise_of(&origin) else { return };
+        let Some(e) = network::enterprise_of(&origin) else {
+            return;
+        };
         for a in items.into_iter().take(1024) {
             if self.replica.doc(&a.doc).is_some() {
                 continue;
@@ -1057,10 +1319,18 @@ impl EventLoop {
     fn commit(&mut self) {
         let mut pending = std::mem::take(&mut self.pending);
         // Compaction of documents with many incremental changes.
-        let heavy: Vec<DocId> = self.incremental.iter().filter(|(_, n)| **n > COMPACT_AFTER).map(|(d, _)| *d).collect();
+        let heavy: Vec<DocId> = self
+            .incremental
+            .iter()
+            .filter(|(_, n)| **n > COMPACT_AFTER)
+            .map(|(d, _)| *d)
+            .collect();
         for d in heavy {
             if let Some(doc) = self.replica.doc(&d) {
-                pending.writes.push(Write::Compact { doc: d, snapshot: doc.save() });
+                pending.writes.push(Write::Compact {
+                    doc: d,
+                    snapshot: doc.save(),
+                });
             }
             self.incremental.insert(d, 0);
         }
@@ -1081,7 +1351,11 @@ impl EventLoop {
         } else {
             self.next_batch += 1;
             let id = self.next_batch;
-            if self.store_tx.as_ref().is_none_or(|tx| tx.send((id, writes)).is_err()) {
+            if self
+                .store_tx
+                .as_ref()
+                .is_none_or(|tx| tx.send((id, writes)).is_err())
+            {
                 self.release(pending, Err("store thread stopped".into()));
                 return;
             }
@@ -1131,7 +1405,12 @@ impl EventLoop {
             let items: Vec<Announcement> = ann
                 .iter()
                 .filter_map(|d| self.replica.doc(d))
-                .map(|d| Announcement { doc: d.id(), kind: d.genesis().kind, owner: d.genesis().owner, changes: d.change_count() as u64 })
+                .map(|d| Announcement {
+                    doc: d.id(),
+                    kind: d.genesis().kind,
+                    owner: d.genesis().owner,
+                    changes: d.change_count() as u64,
+                })
                 .collect();
             let bytes = Frame::Announce(items).encode();
             let topic = self.topic.clone();
@@ -1160,7 +1439,9 @@ impl EventLoop {
     /// (and never exceed yamux's stream limit).
     fn pump(&mut self, peer: PeerId) {
         loop {
-            let Some(q) = self.outbox.get_mut(&peer) else { return };
+            let Some(q) = self.outbox.get_mut(&peer) else {
+                return;
+            };
             if q.inflight >= MAX_INFLIGHT_PER_PEER || q.msgs.is_empty() {
                 return;
             }
@@ -1168,7 +1449,10 @@ impl EventLoop {
             let mut size = 0;
             while let Some(m) = q.msgs.front() {
                 let est = estimate(m);
-                if !batch.is_empty() && (size + est > FRAME_BUDGET || batch.len() >= cofab_protocol::wire::MAX_MESSAGES_PER_FRAME) {
+                if !batch.is_empty()
+                    && (size + est > FRAME_BUDGET
+                        || batch.len() >= cofab_protocol::wire::MAX_MESSAGES_PER_FRAME)
+                {
                     break;
                 }
                 size += est;
@@ -1182,8 +1466,14 @@ impl EventLoop {
                 continue;
             }
             self.metrics.frames_out.fetch_add(1, Ordering::Relaxed);
-            self.metrics.bytes_out.fetch_add(f.len() as u64, Ordering::Relaxed);
-            let id = self.swarm.behaviour_mut().sync.send_request(&peer, network::SyncRequest::Frame(f));
+            self.metrics
+                .bytes_out
+                .fetch_add(f.len() as u64, Ordering::Relaxed);
+            let id = self
+                .swarm
+                .behaviour_mut()
+                .sync
+                .send_request(&peer, network::SyncRequest::Frame(f));
             self.inflight.insert(id, (Instant::now(), peer));
         }
     }
@@ -1209,7 +1499,9 @@ fn merge_runs(msgs: Vec<SyncMessage>) -> Vec<SyncMessage> {
     for m in msgs {
         if let Some(last) = out.last_mut() {
             let mergeable = last.doc == m.doc && !m.decline && !last.decline && m.genesis.is_none();
-            if let (true, Payload::Changes(into), Payload::Changes(_)) = (mergeable, &mut last.payload, &m.payload) {
+            if let (true, Payload::Changes(into), Payload::Changes(_)) =
+                (mergeable, &mut last.payload, &m.payload)
+            {
                 if let Payload::Changes(b) = m.payload {
                     into.changes.extend(b.changes);
                     into.sigs.extend(b.sigs);
@@ -1228,10 +1520,15 @@ fn estimate(m: &SyncMessage) -> usize {
     use cofab_protocol::wire::Payload;
     let p = match &m.payload {
         Payload::None => 0,
-        Payload::Changes(b) => b.changes.iter().map(|c| c.len() + 4).sum::<usize>() + b.sigs.len() * 96,
+        Payload::Changes(b) => {
+            b.changes.iter().map(|c| c.len() + 4).sum::<usize>() + b.sigs.len() * 96
+        }
         Payload::Snapshot { bytes, sigs } => bytes.len() + sigs.len() * 96,
     };
-    p + 64 + m.clock.len() * 40 + m.heads.len() * 32 + m.genesis.as_ref().map(|g| g.0.len() + 64).unwrap_or(0)
+    p + 64
+        + m.clock.len() * 40
+        + m.heads.len() * 32
+        + m.genesis.as_ref().map(|g| g.0.len() + 64).unwrap_or(0)
 }
 
 // ---------- blocking peers (operator/test control) ----------
@@ -1244,14 +1541,28 @@ impl NodeHandle {
     /// Disconnects `peer` and refuses its connections until [`NodeHandle::unblock`].
     pub async fn block(&self, peer: PeerId) -> Result<(), NodeError> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(Command::Block { peer, block: true, reply: tx }).await.map_err(|_| NodeError::Stopped)?;
+        self.tx
+            .send(Command::Block {
+                peer,
+                block: true,
+                reply: tx,
+            })
+            .await
+            .map_err(|_| NodeError::Stopped)?;
         rx.await.map_err(|_| NodeError::Stopped)
     }
 
     /// Accepts connections of `peer` again (it is not dialled: connect explicitly or let discovery do it).
     pub async fn unblock(&self, peer: PeerId) -> Result<(), NodeError> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(Command::Block { peer, block: false, reply: tx }).await.map_err(|_| NodeError::Stopped)?;
+        self.tx
+            .send(Command::Block {
+                peer,
+                block: false,
+                reply: tx,
+            })
+            .await
+            .map_err(|_| NodeError::Stopped)?;
         rx.await.map_err(|_| NodeError::Stopped)
     }
 }

@@ -88,7 +88,10 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the store in `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(path).mode(sled::Mode::HighThroughput).open()?;
+        let db = sled::Config::new()
+            .path(path)
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
         let data_file = File::open(path.join("db")).ok();
         Ok(Self {
             genesis: db.open_tree("genesis")?,
@@ -112,7 +115,11 @@ impl Store {
         let mut sigs: std::collections::BTreeMap<DocId, Vec<u8>> = Default::default();
         for w in writes {
             match w {
-                Write::Doc { doc, genesis, accepted } => {
+                Write::Doc {
+                    doc,
+                    genesis,
+                    accepted,
+                } => {
                     if let Some(g) = genesis {
                         let mut v = g.signature().to_vec();
                         v.extend_from_slice(g.bytes());
@@ -184,7 +191,11 @@ impl Store {
         if let Some(f) = f.as_ref() {
             f.sync_data()?;
         }
-        tracing::trace!(flush_us = flushed.as_micros() as u64, total_us = t.elapsed().as_micros() as u64, "store sync");
+        tracing::trace!(
+            flush_us = flushed.as_micros() as u64,
+            total_us = t.elapsed().as_micros() as u64,
+            "store sync"
+        );
         Ok(())
     }
 
@@ -197,7 +208,10 @@ impl Store {
     pub fn settings_with_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.settings
             .scan_prefix(prefix.as_bytes())
-            .map(|kv| kv.map(|(k, v)| (String::from_utf8_lossy(&k).to_string(), v.to_vec())).map_err(StoreError::from))
+            .map(|kv| {
+                kv.map(|(k, v)| (String::from_utf8_lossy(&k).to_string(), v.to_vec()))
+                    .map_err(StoreError::from)
+            })
             .collect()
     }
 
@@ -210,7 +224,8 @@ impl Store {
                 return Err(StoreError::Corrupt("genesis record too short".into()));
             }
             let sig: [u8; 64] = v[..64].try_into().expect("length checked");
-            let genesis = SignedGenesis::from_parts(v[64..].to_vec(), sig).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let genesis = SignedGenesis::from_parts(v[64..].to_vec(), sig)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
             let snapshot = self.snapshots.get(&k)?.map(|v| v.to_vec());
             let mut changes = Vec::new();
             for kv in self.changes.scan_prefix(&k) {
@@ -235,14 +250,21 @@ impl Store {
                     return Err(StoreError::Corrupt("signature record".into()));
                 }
                 for rec in blob.chunks(96) {
-                    sigs.push((ChangeHash(rec[..32].try_into().expect("len")), rec[32..].try_into().expect("len")));
+                    sigs.push((
+                        ChangeHash(rec[..32].try_into().expect("len")),
+                        rec[32..].try_into().expect("len"),
+                    ));
                 }
             }
-            out.push(StoredDoc { genesis, snapshot, changes, sigs });
+            out.push(StoredDoc {
+                genesis,
+                snapshot,
+                changes,
+                sigs,
+            });
         }
         Ok(out)
     }
-
 
     /// Bytes on disk.
     pub fn size_on_disk(&self) -> u64 {

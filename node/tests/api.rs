@@ -16,13 +16,25 @@ struct Api {
 impl Api {
     async fn start() -> Api {
         let dir = tempfile::tempdir().unwrap();
-        let node = Node::start(NodeConfig::new(Keypair::from_secret([42; 32]), "API Test AG", dir.path().join("store"))).await.unwrap();
+        let node = Node::start(NodeConfig::new(
+            Keypair::from_secret([42; 32]),
+            "API Test AG",
+            dir.path().join("store"),
+        ))
+        .await
+        .unwrap();
         let token = "test-token-123".to_string();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let app = api::router(node.handle.clone(), token.clone());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        Api { base, token, http: reqwest::Client::new(), _node: node, _dir: dir }
+        Api {
+            base,
+            token,
+            http: reqwest::Client::new(),
+            _node: node,
+            _dir: dir,
+        }
     }
     async fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
         let url = format!("{}{path}", self.base);
@@ -32,7 +44,9 @@ impl Api {
             "PUT" => self.http.put(url),
             _ => unreachable!(),
         };
-        let rb = rb.bearer_auth(&self.token).header("content-type", "application/json");
+        let rb = rb
+            .bearer_auth(&self.token)
+            .header("content-type", "application/json");
         let rb = match body {
             Some(b) => rb.body(b.to_string()),
             None => rb,
@@ -40,7 +54,10 @@ impl Api {
         let r = rb.send().await.unwrap();
         let status = r.status().as_u16();
         let text = r.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 }
 
@@ -51,15 +68,33 @@ async fn token_is_required_except_for_healthz() {
     let a = Api::start().await;
     let r = reqwest::get(format!("{}/healthz", a.base)).await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
-    for path in ["/api/v1/status", "/api/v1/orders", "/metrics", "/api/v1/openapi.json"] {
+    for path in [
+        "/api/v1/status",
+        "/api/v1/orders",
+        "/metrics",
+        "/api/v1/openapi.json",
+    ] {
         let r = reqwest::get(format!("{}{path}", a.base)).await.unwrap();
         assert_eq!(r.status().as_u16(), 401, "{path} without a token");
-        let r = a.http.get(format!("{}{path}", a.base)).bearer_auth("wrong").send().await.unwrap();
+        let r = a
+            .http
+            .get(format!("{}{path}", a.base))
+            .bearer_auth("wrong")
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status().as_u16(), 401, "{path} with a wrong token");
     }
     let (s, v) = a.call("GET", "/api/v1/status", None).await;
     assert_eq!(s, 200);
-    for k in ["peer_id", "enterprise_id", "name", "listen_addrs", "connected_peers", "documents"] {
+    for k in [
+        "peer_id",
+        "enterprise_id",
+        "name",
+        "listen_addrs",
+        "connected_peers",
+        "documents",
+    ] {
         assert!(v.get(k).is_some(), "status lacks {k}: {v}");
     }
     assert_eq!(v["name"], "API Test AG");
@@ -80,13 +115,25 @@ async fn orders_are_posted_read_and_bad_input_names_the_field() {
     assert_eq!(list.as_array().unwrap().len(), 1);
 
     let cases = [
-        (r#"{"title": "x", "quantity": 5, "colour": "red"}"#, "colour"),
+        (
+            r#"{"title": "x", "quantity": 5, "colour": "red"}"#,
+            "colour",
+        ),
         (r#"{"quantity": 5}"#, "title"),
         (r#"{"title": "x", "quantity": "five"}"#, "quantity"),
-        (r#"{"title": "x", "quantity": 5, "due_date": "2027-02-30"}"#, "due_date"),
+        (
+            r#"{"title": "x", "quantity": 5, "due_date": "2027-02-30"}"#,
+            "due_date",
+        ),
         (r#"{"title": "x", "quantity": 0}"#, "quantity"),
-        (r#"{"title": "x", "quantity": 5, "processes": ["telekinesis"]}"#, "processes"),
-        (r#"{"title": "x", "quantity": 5, "currency": "euro"}"#, "currency"),
+        (
+            r#"{"title": "x", "quantity": 5, "processes": ["telekinesis"]}"#,
+            "processes",
+        ),
+        (
+            r#"{"title": "x", "quantity": 5, "currency": "euro"}"#,
+            "currency",
+        ),
     ];
     for (body, field) in cases {
         let (s, v) = a.call("POST", "/api/v1/orders", Some(body)).await;
@@ -99,16 +146,34 @@ async fn orders_are_posted_read_and_bad_input_names_the_field() {
         assert!(v["error"].is_string());
     }
     // unknown and malformed ids
-    let (s, _) = a.call("GET", "/api/v1/orders/00000000000000000000000000000000", None).await;
+    let (s, _) = a
+        .call(
+            "GET",
+            "/api/v1/orders/00000000000000000000000000000000",
+            None,
+        )
+        .await;
     assert_eq!(s, 404);
     let (s, _) = a.call("GET", "/api/v1/orders/not-an-id", None).await;
     assert_eq!(s, 404);
     // a rule violation: the status may not skip steps (409, naming the rule)
-    let (s, v) = a.call("POST", &format!("/api/v1/orders/{id}/status"), Some(r#"{"status": "shipped"}"#)).await;
+    let (s, v) = a
+        .call(
+            "POST",
+            &format!("/api/v1/orders/{id}/status"),
+            Some(r#"{"status": "shipped"}"#),
+        )
+        .await;
     assert_eq!(s, 409, "{v}");
     assert_eq!(v["rule"], "status_transition");
     // the buyer may not bid on its own order (403, naming the rule)
-    let (s, v) = a.call("POST", &format!("/api/v1/orders/{id}/bids"), Some(r#"{"unit_price": 4.2, "currency": "EUR", "lead_time_days": 10}"#)).await;
+    let (s, v) = a
+        .call(
+            "POST",
+            &format!("/api/v1/orders/{id}/bids"),
+            Some(r#"{"unit_price": 4.2, "currency": "EUR", "lead_time_days": 10}"#),
+        )
+        .await;
     assert_eq!(s, 403, "{v}");
     assert_eq!(v["rule"], "own_bid_only");
     // nothing of that changed the order
@@ -138,53 +203,137 @@ async fn capacity_designs_docs_metrics_and_openapi() {
     assert_eq!(s, 201, "{v}");
     let (s, _) = a.call("PUT", "/api/v1/capacity", Some(&cap)).await;
     assert_eq!(s, 200, "a second PUT replaces the same document");
-    let (_, found) = a.call("GET", "/api/v1/capacity?process=cnc-milling&region=DE", None).await;
+    let (_, found) = a
+        .call(
+            "GET",
+            "/api/v1/capacity?process=cnc-milling&region=DE",
+            None,
+        )
+        .await;
     assert_eq!(found.as_array().unwrap().len(), 1);
-    let (_, none) = a.call("GET", "/api/v1/capacity?process=casting", None).await;
+    let (_, none) = a
+        .call("GET", "/api/v1/capacity?process=casting", None)
+        .await;
     assert_eq!(none.as_array().unwrap().len(), 0);
     let (s, v) = a.call("PUT", "/api/v1/capacity", Some(r#"{"name": "x", "machines": [{"name": "m", "process": "cnc-milling", "free_hours": {"week 9": 3}}]}"#)).await;
-    assert_eq!((s, v["field"].as_str()), (400, Some("machines.free_hours")), "{v}");
+    assert_eq!(
+        (s, v["field"].as_str()),
+        (400, Some("machines.free_hours")),
+        "{v}"
+    );
 
-    let (s, v) = a.call("POST", "/api/v1/designs", Some(r#"{"title": "Housing", "description": "wall 2 mm"}"#)).await;
+    let (s, v) = a
+        .call(
+            "POST",
+            "/api/v1/designs",
+            Some(r#"{"title": "Housing", "description": "wall 2 mm"}"#),
+        )
+        .await;
     assert_eq!(s, 201);
     let id = v["id"].as_str().unwrap().to_string();
-    let (s, _) = a.call("POST", &format!("/api/v1/designs/{id}/text"), Some(r#"{"pos": 4, "delete": 0, "insert": "thickness "}"#)).await;
+    let (s, _) = a
+        .call(
+            "POST",
+            &format!("/api/v1/designs/{id}/text"),
+            Some(r#"{"pos": 4, "delete": 0, "insert": "thickness "}"#),
+        )
+        .await;
     assert_eq!(s, 200);
     let (_, d) = a.call("GET", &format!("/api/v1/designs/{id}"), None).await;
     assert_eq!(d["description"], "wallthickness  2 mm");
-    let (s, v) = a.call("POST", &format!("/api/v1/designs/{id}/text"), Some(r#"{"pos": 999, "insert": "x"}"#)).await;
+    let (s, v) = a
+        .call(
+            "POST",
+            &format!("/api/v1/designs/{id}/text"),
+            Some(r#"{"pos": 999, "insert": "x"}"#),
+        )
+        .await;
     assert_eq!((s, v["field"].as_str()), (400, Some("pos")), "{v}");
     // attachments: stored content-addressed, read back byte for byte; the size limit at its edge
-    let file: Vec<u8> = (0..cofab_protocol::model::MAX_ATTACHMENT_BYTES).map(|i| (i % 251) as u8).collect();
+    let file: Vec<u8> = (0..cofab_protocol::model::MAX_ATTACHMENT_BYTES)
+        .map(|i| (i % 251) as u8)
+        .collect();
     let url = format!("{}/api/v1/designs/{id}/attachments/housing.step", a.base);
-    let r = a.http.put(&url).bearer_auth(&a.token).header("content-type", "model/step").body(file.clone()).send().await.unwrap();
+    let r = a
+        .http
+        .put(&url)
+        .bearer_auth(&a.token)
+        .header("content-type", "model/step")
+        .body(file.clone())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 201);
-    let key = r.json::<Value>().await.unwrap()["key"].as_str().unwrap().to_string();
-    let r = a.http.get(format!("{}/api/v1/designs/{id}/files/{key}", a.base)).bearer_auth(&a.token).send().await.unwrap();
+    let key = r.json::<Value>().await.unwrap()["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = a
+        .http
+        .get(format!("{}/api/v1/designs/{id}/files/{key}", a.base))
+        .bearer_auth(&a.token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.headers()["content-type"], "model/step");
-    assert!(r.bytes().await.unwrap().as_ref() == file.as_slice(), "attachment read back differs");
+    assert!(
+        r.bytes().await.unwrap().as_ref() == file.as_slice(),
+        "attachment read back differs"
+    );
     let mut bigger = file.clone();
     bigger.push(0);
-    let r = a.http.put(&url).bearer_auth(&a.token).body(bigger).send().await.unwrap();
+    let r = a
+        .http
+        .put(&url)
+        .bearer_auth(&a.token)
+        .body(bigger)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 413);
     let (_, d) = a.call("GET", &format!("/api/v1/designs/{id}"), None).await;
-    assert_eq!(d["attachments"][&key]["size"], cofab_protocol::model::MAX_ATTACHMENT_BYTES);
-    let (s, h) = a.call("GET", &format!("/api/v1/docs/{id}/heads"), None).await;
+    assert_eq!(
+        d["attachments"][&key]["size"],
+        cofab_protocol::model::MAX_ATTACHMENT_BYTES
+    );
+    let (s, h) = a
+        .call("GET", &format!("/api/v1/docs/{id}/heads"), None)
+        .await;
     assert_eq!(s, 200);
     assert_eq!(h["heads"], d["heads"]);
-    let (s, sy) = a.call("GET", &format!("/api/v1/docs/{id}/sync"), None).await;
+    let (s, sy) = a
+        .call("GET", &format!("/api/v1/docs/{id}/sync"), None)
+        .await;
     assert_eq!(s, 200);
     assert!(sy["peers"].is_array());
 
-    let r = a.http.get(format!("{}/metrics", a.base)).bearer_auth(&a.token).send().await.unwrap();
+    let r = a
+        .http
+        .get(format!("{}/metrics", a.base))
+        .bearer_auth(&a.token)
+        .send()
+        .await
+        .unwrap();
     let text = r.text().await.unwrap();
-    for m in ["cofab_peers", "cofab_documents 2", "cofab_changes_local_total", "cofab_sync_latency_seconds_bucket", "cofab_store_bytes"] {
+    for m in [
+        "cofab_peers",
+        "cofab_documents 2",
+        "cofab_changes_local_total",
+        "cofab_sync_latency_seconds_bucket",
+        "cofab_store_bytes",
+    ] {
         assert!(text.contains(m), "metrics lack {m}");
     }
     let (s, spec) = a.call("GET", "/api/v1/openapi.json", None).await;
     assert_eq!(s, 200);
     assert_eq!(spec["openapi"], "3.1.0");
-    for p in ["/api/v1/orders", "/api/v1/capacity", "/api/v1/designs/{id}/text", "/api/v1/docs/{id}/sync", "/api/v1/events"] {
+    for p in [
+        "/api/v1/orders",
+        "/api/v1/capacity",
+        "/api/v1/designs/{id}/text",
+        "/api/v1/docs/{id}/sync",
+        "/api/v1/events",
+    ] {
         assert!(spec["paths"].get(p).is_some(), "openapi lacks {p}");
     }
 }

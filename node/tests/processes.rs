@@ -10,12 +10,25 @@ use serde_json::{json, Value};
 const BIN: &str = env!("CARGO_BIN_EXE_cofab");
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn init(dir: &Path, name: &str) {
-    let out = Command::new(BIN).args(["init", "--data-dir"]).arg(dir).args(["--name", name]).output().unwrap();
-    assert!(out.status.success(), "init failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(BIN)
+        .args(["init", "--data-dir"])
+        .arg(dir)
+        .args(["--name", name])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "init failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn run(dir: &Path, p2p_port: u16, api_port: u16, bootstrap: Option<u16>) -> Child {
@@ -30,7 +43,11 @@ fn run(dir: &Path, p2p_port: u16, api_port: u16, bootstrap: Option<u16>) -> Chil
     if let Some(b) = bootstrap {
         c.args(["--bootstrap", &format!("/ip4/127.0.0.1/tcp/{b}")]);
     }
-    c.env("COFAB_LOG", "warn").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()
+    c.env("COFAB_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
 }
 
 async fn wait_healthy(api: u16) {
@@ -41,13 +58,19 @@ async fn wait_healthy(api: u16) {
                 return;
             }
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "node on {api} did not come up");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "node on {api} did not come up"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 fn token(dir: &Path) -> String {
-    std::fs::read_to_string(dir.join("api-token")).unwrap().trim().to_string()
+    std::fs::read_to_string(dir.join("api-token"))
+        .unwrap()
+        .trim()
+        .to_string()
 }
 
 async fn titles(api: u16, token: &str) -> Vec<String> {
@@ -60,7 +83,11 @@ async fn titles(api: u16, token: &str) -> Vec<String> {
         .json()
         .await
         .unwrap();
-    v.as_array().unwrap().iter().map(|o| o["title"].as_str().unwrap().to_string()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["title"].as_str().unwrap().to_string())
+        .collect()
 }
 
 /// Streams API writes, `kill -9`s the node at pseudo-random instants, restarts it and
@@ -68,7 +95,10 @@ async fn titles(api: u16, token: &str) -> Vec<String> {
 /// cycle count (default 20).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_loses_no_acknowledged_write() {
-    let cycles: u64 = std::env::var("COFAB_CRASH_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    let cycles: u64 = std::env::var("COFAB_CRASH_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
     let dir = tempfile::tempdir().unwrap();
     init(dir.path(), "Crash Test GmbH");
     let tok = token(dir.path());
@@ -82,7 +112,11 @@ async fn kill_9_loses_no_acknowledged_write() {
         // Everything acknowledged before this start must be present.
         let have = titles(api, &tok).await;
         for t in &acked {
-            assert!(have.contains(t), "cycle {cycle}: acknowledged write {t} lost (have {})", have.len());
+            assert!(
+                have.contains(t),
+                "cycle {cycle}: acknowledged write {t} lost (have {})",
+                have.len()
+            );
         }
         // Stream writes from 4 concurrent writers; kill at a pseudo-random instant.
         seed ^= seed << 13;
@@ -139,7 +173,10 @@ async fn kill_9_loses_no_acknowledged_write() {
     let lost: Vec<&String> = acked.iter().filter(|t| !have.contains(t)).collect();
     println!("crash test: {cycles} kill -9 cycles, {total_attempts} writes attempted, {} acknowledged, {} lost", acked.len(), lost.len());
     assert!(lost.is_empty(), "lost acknowledged writes: {lost:?}");
-    assert!(!acked.is_empty(), "no write was acknowledged: the test did not exercise anything");
+    assert!(
+        !acked.is_empty(),
+        "no write was acknowledged: the test did not exercise anything"
+    );
 }
 
 /// Three `cofab run` processes with `--no-mdns` and `--bootstrap` find each other; an
@@ -166,30 +203,61 @@ async fn three_processes_bootstrap_and_share_an_order() {
     // wait until node 2 is connected to someone, then post on node 2 (not the bootstrap node)
     let start = Instant::now();
     loop {
-        let v: Value = client.get(format!("http://127.0.0.1:{}/api/v1/status", api[2])).bearer_auth(&toks[2]).send().await.unwrap().json().await.unwrap();
+        let v: Value = client
+            .get(format!("http://127.0.0.1:{}/api/v1/status", api[2]))
+            .bearer_auth(&toks[2])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         if v["connected_peers"].as_u64().unwrap() >= 1 {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(20), "node 2 never connected");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "node 2 never connected"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let r = client.post(format!("http://127.0.0.1:{}/api/v1/orders", api[2])).bearer_auth(&toks[2]).json(&body).send().await.unwrap();
+    let r = client
+        .post(format!("http://127.0.0.1:{}/api/v1/orders", api[2]))
+        .bearer_auth(&toks[2])
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 201);
-    let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let posted = Instant::now();
     for i in 0..2 {
         loop {
-            let r = client.get(format!("http://127.0.0.1:{}/api/v1/orders/{id}", api[i])).bearer_auth(&toks[i]).send().await.unwrap();
+            let r = client
+                .get(format!("http://127.0.0.1:{}/api/v1/orders/{id}", api[i]))
+                .bearer_auth(&toks[i])
+                .send()
+                .await
+                .unwrap();
             if r.status().is_success() {
                 let v: Value = r.json().await.unwrap();
                 assert_eq!(v["title"], "Bracket, anodised aluminium");
                 break;
             }
-            assert!(posted.elapsed() < Duration::from_secs(20), "order did not reach node {i}");
+            assert!(
+                posted.elapsed() < Duration::from_secs(20),
+                "order did not reach node {i}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    println!("order visible on both other nodes after {:?}", posted.elapsed());
+    println!(
+        "order visible on both other nodes after {:?}",
+        posted.elapsed()
+    );
     for mut c in children {
         let _ = c.kill();
         let _ = c.wait();

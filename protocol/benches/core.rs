@@ -30,10 +30,29 @@ fn kp(n: u8) -> Keypair {
 /// A design typed by its owner, one character per change (plus the creating change).
 fn typed_design(chars: usize) -> Document {
     let owner = kp(1);
-    let (mut doc, _) = model::create_design(&owner, &DesignInput { title: "Spec".into(), ..Default::default() }, NOW, 1).unwrap();
+    let (mut doc, _) = model::create_design(
+        &owner,
+        &DesignInput {
+            title: "Spec".into(),
+            ..Default::default()
+        },
+        NOW,
+        1,
+    )
+    .unwrap();
     for i in 0..chars {
         let c = (b'a' + (i % 26) as u8) as char;
-        model::splice_description(&mut doc, &owner, NOW + i as i64, &Splice { pos: i, delete: 0, insert: c.to_string() }).unwrap();
+        model::splice_description(
+            &mut doc,
+            &owner,
+            NOW + i as i64,
+            &Splice {
+                pos: i,
+                delete: 0,
+                insert: c.to_string(),
+            },
+        )
+        .unwrap();
     }
     doc
 }
@@ -42,9 +61,25 @@ fn typed_design(chars: usize) -> Document {
 fn busy_order(changes: usize) -> Document {
     let buyer = kp(1);
     let writers: Vec<Keypair> = (2..12).map(kp).collect();
-    let (mut doc, _) = model::create_order(&buyer, &OrderInput { title: "Frame".into(), quantity: 10, ..Default::default() }, NOW, 1).unwrap();
+    let (mut doc, _) = model::create_order(
+        &buyer,
+        &OrderInput {
+            title: "Frame".into(),
+            quantity: 10,
+            ..Default::default()
+        },
+        NOW,
+        1,
+    )
+    .unwrap();
     for i in 0..changes - 1 {
-        model::comment(&mut doc, &writers[i % writers.len()], NOW + i as i64, "ok, confirmed").unwrap();
+        model::comment(
+            &mut doc,
+            &writers[i % writers.len()],
+            NOW + i as i64,
+            "ok, confirmed",
+        )
+        .unwrap();
     }
     doc
 }
@@ -64,43 +99,65 @@ fn signature(c: &mut Criterion) {
     let sig = k.sign_change(&doc, &hash);
     let id = k.id();
     let mut g = c.benchmark_group("signature");
-    g.bench_function("sign_change", |b| b.iter(|| k.sign_change(&doc, std::hint::black_box(&hash))));
-    g.bench_function("verify_change", |b| b.iter(|| assert!(id.verify_change(&doc, std::hint::black_box(&hash), &sig))));
+    g.bench_function("sign_change", |b| {
+        b.iter(|| k.sign_change(&doc, std::hint::black_box(&hash)))
+    });
+    g.bench_function("verify_change", |b| {
+        b.iter(|| assert!(id.verify_change(&doc, std::hint::black_box(&hash), &sig)))
+    });
     g.finish();
 }
 
 fn ingest(c: &mut Criterion) {
     let mut g = c.benchmark_group("ingest");
     g.sample_size(10);
-    for (workload, build) in [("design_1_author", typed_design as fn(usize) -> Document), ("order_10_authors", busy_order)] {
+    for (workload, build) in [
+        ("design_1_author", typed_design as fn(usize) -> Document),
+        ("order_10_authors", busy_order),
+    ] {
         for n in [1_000usize, 10_000] {
-            let src = if workload == "design_1_author" { build(n - 1) } else { build(n) };
+            let src = if workload == "design_1_author" {
+                build(n - 1)
+            } else {
+                build(n)
+            };
             let batch = full_batch(&src);
             let genesis = src.signed_genesis().clone();
             g.throughput(Throughput::Elements(n as u64));
-            g.bench_with_input(BenchmarkId::new(format!("{workload}/cofab_verify_and_apply"), n), &batch, |b, batch| {
-                b.iter_batched(
-                    || (Document::new(genesis.clone()), batch.clone()),
-                    |(mut d, batch)| {
-                        let acc = d.ingest(batch).unwrap();
-                        assert_eq!(acc.changes.len(), n);
-                        d
-                    },
-                    BatchSize::LargeInput,
-                )
-            });
-            g.bench_with_input(BenchmarkId::new(format!("{workload}/automerge_parse_and_apply"), n), &batch, |b, batch| {
-                b.iter_batched(
-                    || batch.changes.clone(),
-                    |raw| {
-                        let mut a = Automerge::new();
-                        let parsed: Vec<Change> = raw.into_iter().map(|r| Change::from_bytes(r).unwrap()).collect();
-                        a.apply_changes(parsed).unwrap();
-                        a
-                    },
-                    BatchSize::LargeInput,
-                )
-            });
+            g.bench_with_input(
+                BenchmarkId::new(format!("{workload}/cofab_verify_and_apply"), n),
+                &batch,
+                |b, batch| {
+                    b.iter_batched(
+                        || (Document::new(genesis.clone()), batch.clone()),
+                        |(mut d, batch)| {
+                            let acc = d.ingest(batch).unwrap();
+                            assert_eq!(acc.changes.len(), n);
+                            d
+                        },
+                        BatchSize::LargeInput,
+                    )
+                },
+            );
+            g.bench_with_input(
+                BenchmarkId::new(format!("{workload}/automerge_parse_and_apply"), n),
+                &batch,
+                |b, batch| {
+                    b.iter_batched(
+                        || batch.changes.clone(),
+                        |raw| {
+                            let mut a = Automerge::new();
+                            let parsed: Vec<Change> = raw
+                                .into_iter()
+                                .map(|r| Change::from_bytes(r).unwrap())
+                                .collect();
+                            a.apply_changes(parsed).unwrap();
+                            a
+                        },
+                        BatchSize::LargeInput,
+                    )
+                },
+            );
         }
     }
     g.finish();
@@ -126,10 +183,16 @@ fn pump(a: &mut Replica, b: &mut Replica, first: Vec<(usize, Output)>) -> (usize
     while let Some((from, to, frame)) = queue.pop_front() {
         msgs += 1;
         bytes += frame.len();
-        let Frame::Sync(list) = Frame::decode(&frame).unwrap() else { unreachable!() };
+        let Frame::Sync(list) = Frame::decode(&frame).unwrap() else {
+            unreachable!()
+        };
         for m in list {
             let m: SyncMessage = m;
-            let outs = if to == 0 { a.receive(ids[from], m, NOW) } else { b.receive(ids[from], m, NOW) };
+            let outs = if to == 0 {
+                a.receive(ids[from], m, NOW)
+            } else {
+                b.receive(ids[from], m, NOW)
+            };
             push(&mut queue, to, outs);
         }
     }
@@ -142,7 +205,11 @@ fn initial_sync_100k(c: &mut Criterion) {
     assert_eq!(src.change_count(), n);
     let genesis = src.signed_genesis().clone();
     let (bytes, sigs) = src.snapshot();
-    eprintln!("100k-change design: snapshot {} bytes, {} signatures", bytes.len(), sigs.len());
+    eprintln!(
+        "100k-change design: snapshot {} bytes, {} signatures",
+        bytes.len(),
+        sigs.len()
+    );
     let mut g = c.benchmark_group("initial_sync_100k");
     g.sample_size(10);
     g.measurement_time(Duration::from_secs(3));
@@ -159,7 +226,9 @@ fn initial_sync_100k(c: &mut Criterion) {
             BatchSize::LargeInput,
         )
     });
-    g.bench_function("automerge_load", |b| b.iter(|| Automerge::load(&bytes).unwrap()));
+    g.bench_function("automerge_load", |b| {
+        b.iter(|| Automerge::load(&bytes).unwrap())
+    });
     g.bench_function("replica_to_empty_replica", |b| {
         b.iter_batched(
             || {
@@ -169,7 +238,11 @@ fn initial_sync_100k(c: &mut Criterion) {
             },
             |(mut a, mut b)| {
                 let _ = b.peer_connected(a.id());
-                let first: Vec<(usize, Output)> = a.peer_connected(b.id()).into_iter().map(|o| (0, o)).collect();
+                let first: Vec<(usize, Output)> = a
+                    .peer_connected(b.id())
+                    .into_iter()
+                    .map(|o| (0, o))
+                    .collect();
                 let (msgs, _) = pump(&mut a, &mut b, first);
                 assert!(msgs >= 2);
                 assert_eq!(b.doc(&src.id()).map(|d| d.change_count()), Some(n));
@@ -184,7 +257,11 @@ fn initial_sync_100k(c: &mut Criterion) {
     a.load(src.clone());
     let mut b = Replica::new(kp(2));
     let _ = b.peer_connected(a.id());
-    let first = a.peer_connected(b.id()).into_iter().map(|o| (0, o)).collect();
+    let first = a
+        .peer_connected(b.id())
+        .into_iter()
+        .map(|o| (0, o))
+        .collect();
     let (msgs, total) = pump(&mut a, &mut b, first);
     eprintln!("replica_to_empty_replica: {msgs} messages, {total} bytes");
 }

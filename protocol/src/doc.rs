@@ -68,7 +68,9 @@ impl Serialize for DocId {
 }
 impl<'de> Deserialize<'de> for DocId {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -226,7 +228,12 @@ impl SignedGenesis {
         let digest = Sha256::digest(&bytes);
         let mut id = [0u8; 16];
         id.copy_from_slice(&digest[..16]);
-        Ok(Self { bytes, sig, genesis, id: DocId(id) })
+        Ok(Self {
+            bytes,
+            sig,
+            genesis,
+            id: DocId(id),
+        })
     }
 
     /// The document id derived from these bytes.
@@ -277,7 +284,10 @@ mod tests {
             Err(GenesisError::BadSignature)
         ));
         let other = Keypair::from_secret([4; 32]);
-        assert!(matches!(SignedGenesis::sign(genesis(&kp), &other), Err(GenesisError::NotOwner)));
+        assert!(matches!(
+            SignedGenesis::sign(genesis(&kp), &other),
+            Err(GenesisError::NotOwner)
+        ));
         assert_eq!(g.id().to_string().parse::<DocId>().unwrap(), g.id());
     }
 }

@@ -72,7 +72,10 @@ pub struct Document {
 
 impl std::fmt::Debug for Document {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Document").field("id", &self.id()).field("changes", &self.change_count()).finish()
+        f.debug_struct("Document")
+            .field("id", &self.id())
+            .field("changes", &self.change_count())
+            .finish()
     }
 }
 
@@ -129,7 +132,12 @@ fn sig_ok(author: &EnterpriseId, doc: &DocId, hash: &ChangeHash, sig: &[u8; 64])
 impl Document {
     /// An empty document for a genesis.
     pub fn new(genesis: SignedGenesis) -> Self {
-        Self { genesis, doc: Automerge::new(), sigs: HashMap::new(), chains: BTreeMap::new() }
+        Self {
+            genesis,
+            doc: Automerge::new(),
+            sigs: HashMap::new(),
+            chains: BTreeMap::new(),
+        }
     }
 
     /// Rebuilds a document from our own store (already verified when stored).
@@ -149,8 +157,15 @@ impl Document {
             .into_iter()
             .map(|b| Change::from_bytes(b).map_err(|e| IngestError::MalformedChange(e.to_string())))
             .collect::<Result<Vec<_>, _>>()?;
-        catch(|| doc.apply_changes(parsed)).map_err(IngestError::Apply)?.map_err(|e| IngestError::Apply(e.to_string()))?;
-        let mut d = Self { genesis, doc, sigs: sigs.into_iter().collect(), chains: BTreeMap::new() };
+        catch(|| doc.apply_changes(parsed))
+            .map_err(IngestError::Apply)?
+            .map_err(|e| IngestError::Apply(e.to_string()))?;
+        let mut d = Self {
+            genesis,
+            doc,
+            sigs: sigs.into_iter().collect(),
+            chains: BTreeMap::new(),
+        };
         d.rebuild_chains();
         Ok(d)
     }
@@ -161,7 +176,13 @@ impl Document {
             .doc
             .get_changes_meta(&[])
             .iter()
-            .filter_map(|m| Some((EnterpriseId::from_slice(m.actor.to_bytes()).ok()?, m.seq, m.hash)))
+            .filter_map(|m| {
+                Some((
+                    EnterpriseId::from_slice(m.actor.to_bytes()).ok()?,
+                    m.seq,
+                    m.hash,
+                ))
+            })
             .collect();
         all.sort_by_key(|(a, s, _)| (*a, *s));
         for (a, _, h) in all {
@@ -199,7 +220,10 @@ impl Document {
     }
     /// For each author, the number of its changes held.
     pub fn clock(&self) -> Clock {
-        self.chains.iter().map(|(a, c)| (*a, c.len() as u64)).collect()
+        self.chains
+            .iter()
+            .map(|(a, c)| (*a, c.len() as u64))
+            .collect()
     }
     /// Every signature held (for persistence).
     pub fn signatures(&self) -> impl Iterator<Item = (&ChangeHash, &[u8; 64])> {
@@ -253,7 +277,9 @@ impl Document {
         f: impl FnOnce(&mut Transaction<'_>) -> Result<T, EditError>,
     ) -> Result<(T, Accepted), EditError> {
         let me = author.id();
-        let opts = CommitOptions::default().with_message(self.id().to_string()).with_time(now_ms / 1000);
+        let opts = CommitOptions::default()
+            .with_message(self.id().to_string())
+            .with_time(now_ms / 1000);
         self.doc.set_actor(me.actor());
         let mut tx = self.doc.transaction();
         let out = match f(&mut tx) {
@@ -264,11 +290,18 @@ impl Document {
             }
         };
         let (hash, _) = tx.commit_with(opts);
-        let Some(hash) = hash else { return Ok((out, Accepted::default())) };
+        let Some(hash) = hash else {
+            return Ok((out, Accepted::default()));
+        };
         let change = self.doc.get_last_local_change().expect("just committed");
         if let Err(v) = rules::check_change(&self.doc, self.genesis.genesis(), &change) {
             // Roll back by rebuilding without the change. Rare: typed edits pre-check their intent.
-            let keep: Vec<Change> = self.doc.get_changes(&[]).into_iter().filter(|c| c.hash() != hash).collect();
+            let keep: Vec<Change> = self
+                .doc
+                .get_changes(&[])
+                .into_iter()
+                .filter(|c| c.hash() != hash)
+                .collect();
             let mut d = Automerge::new();
             d.apply_changes(keep).expect("re-applying our own changes");
             self.doc = d;
@@ -277,13 +310,23 @@ impl Document {
         let sig = author.sign_change(&self.id(), &hash).to_bytes();
         self.sigs.insert(hash, sig);
         self.chains.entry(me).or_default().push(hash);
-        Ok((out, Accepted { changes: vec![change.raw_bytes().to_vec()], sigs: vec![(hash, sig)], snapshot: None }))
+        Ok((
+            out,
+            Accepted {
+                changes: vec![change.raw_bytes().to_vec()],
+                sigs: vec![(hash, sig)],
+                snapshot: None,
+            },
+        ))
     }
 
     /// Verifies and applies a batch of received changes. All or nothing.
     pub fn ingest(&mut self, batch: ChangeBatch) -> Result<Accepted, IngestError> {
         if batch.changes.len() > MAX_CHANGES_PER_BATCH {
-            return Err(IngestError::TooLarge(format!("{} changes", batch.changes.len())));
+            return Err(IngestError::TooLarge(format!(
+                "{} changes",
+                batch.changes.len()
+            )));
         }
         let mut seen = HashSet::new();
         let mut fresh = Vec::new();
@@ -310,7 +353,15 @@ impl Document {
             rules::check_change(&scratch, self.genesis.genesis(), c)?;
         }
         self.doc = scratch;
-        let order = sorted.iter().map(|c| (EnterpriseId::from_slice(c.actor_id().to_bytes()).expect("checked"), c.hash())).collect();
+        let order = sorted
+            .iter()
+            .map(|c| {
+                (
+                    EnterpriseId::from_slice(c.actor_id().to_bytes()).expect("checked"),
+                    c.hash(),
+                )
+            })
+            .collect();
         let raw = sorted.iter().map(|c| c.raw_bytes().to_vec()).collect();
         Ok(self.commit_verified(order, raw, verified, None))
     }
@@ -320,14 +371,21 @@ impl Document {
     /// Verification reads automerge's change metadata (actor, seq, deps, hash) instead
     /// of rebuilding every change, and decodes a change's operations only where a rule
     /// needs them, so this costs little more than `Automerge::load`.
-    pub fn ingest_snapshot(&mut self, bytes: &[u8], sigs: Vec<(ChangeHash, [u8; 64])>) -> Result<Accepted, IngestError> {
+    pub fn ingest_snapshot(
+        &mut self,
+        bytes: &[u8],
+        sigs: Vec<(ChangeHash, [u8; 64])>,
+    ) -> Result<Accepted, IngestError> {
         let scratch = catch(|| Automerge::load(bytes))
             .map_err(IngestError::Snapshot)?
             .map_err(|e| IngestError::Snapshot(e.to_string()))?;
         if !self.is_empty() {
             // We gained changes meanwhile: fall back to the change path.
             let all = scratch.get_changes(&[]);
-            let batch = ChangeBatch { changes: all.iter().map(|c| c.raw_bytes().to_vec()).collect(), sigs };
+            let batch = ChangeBatch {
+                changes: all.iter().map(|c| c.raw_bytes().to_vec()).collect(),
+                sigs,
+            };
             return self.ingest(batch);
         }
         let metas = scratch.get_changes_meta(&[]);
@@ -345,15 +403,22 @@ impl Document {
             match rules::check_without_ops(g, &author, m.deps().is_empty()) {
                 Some(r) => r?,
                 None => {
-                    let c = scratch
-                        .get_change_by_hash(&m.hash())
-                        .ok_or_else(|| IngestError::Snapshot("change listed but not found".into()))?;
+                    let c = scratch.get_change_by_hash(&m.hash()).ok_or_else(|| {
+                        IngestError::Snapshot("change listed but not found".into())
+                    })?;
                     rules::check_change(&scratch, g, &c)?;
                 }
             }
         }
-        let order: Vec<(EnterpriseId, ChangeHash)> =
-            sorted.iter().map(|m| (EnterpriseId::from_slice(m.actor_bytes()).expect("checked"), m.hash())).collect();
+        let order: Vec<(EnterpriseId, ChangeHash)> = sorted
+            .iter()
+            .map(|m| {
+                (
+                    EnterpriseId::from_slice(m.actor_bytes()).expect("checked"),
+                    m.hash(),
+                )
+            })
+            .collect();
         drop(sorted);
         self.doc = scratch;
         Ok(self.commit_verified(order, Vec::new(), verified, Some(bytes.to_vec())))
@@ -372,7 +437,11 @@ impl Document {
         for (h, s) in &verified {
             self.sigs.insert(*h, *s);
         }
-        Accepted { changes: raw, sigs: verified, snapshot }
+        Accepted {
+            changes: raw,
+            sigs: verified,
+            snapshot,
+        }
     }
 
     /// Binding, replay, chain and signature checks; returns the changes in causal order
@@ -390,9 +459,15 @@ impl Document {
             let a = EnterpriseId::from_slice(c.actor_bytes())
                 .ok()
                 .filter(|a| a.verifying_key().is_some())
-                .ok_or_else(|| IngestError::UnboundActor(c.actor_bytes().iter().map(|b| format!("{b:02x}")).collect()))?;
+                .ok_or_else(|| {
+                    IngestError::UnboundActor(
+                        c.actor_bytes().iter().map(|b| format!("{b:02x}")).collect(),
+                    )
+                })?;
             if c.message() != Some(doc_str.as_str()) {
-                return Err(IngestError::WrongDocument { hash: c.hash().to_string() });
+                return Err(IngestError::WrongDocument {
+                    hash: c.hash().to_string(),
+                });
             }
             by_author.entry(a).or_default().push(i);
         }
@@ -404,7 +479,9 @@ impl Document {
             let missing = fresh
                 .iter()
                 .flat_map(|c| c.deps().iter())
-                .filter(|d| !fresh_hashes.contains(d) && self.doc.get_change_meta_by_hash(d).is_none())
+                .filter(|d| {
+                    !fresh_hashes.contains(d) && self.doc.get_change_meta_by_hash(d).is_none()
+                })
                 .count();
             if missing > 0 {
                 return Err(IngestError::MissingDeps(missing));
@@ -420,20 +497,32 @@ impl Document {
                 let c = &fresh[*i];
                 let expected = have + 1 + k as u64;
                 if c.seq() != expected {
-                    return Err(IngestError::SeqGap { author: *author, have: expected - 1, got: c.seq() });
+                    return Err(IngestError::SeqGap {
+                        author: *author,
+                        have: expected - 1,
+                        got: c.seq(),
+                    });
                 }
                 if let Some(p) = prev {
                     if !c.deps().contains(&p) {
-                        return Err(IngestError::BrokenChain { author: *author, seq: c.seq() });
+                        return Err(IngestError::BrokenChain {
+                            author: *author,
+                            seq: c.seq(),
+                        });
                     }
                 }
                 prev = Some(c.hash());
                 let is_tip = k + 1 == idxs.len();
                 match sigs.get(&c.hash()) {
-                    Some(s) if is_tip || c.seq() % CHECKPOINT == 0 => to_verify.push((*author, c.hash(), *s)),
+                    Some(s) if is_tip || c.seq() % CHECKPOINT == 0 => {
+                        to_verify.push((*author, c.hash(), *s))
+                    }
                     Some(_) => {}
                     None if is_tip => {
-                        return Err(IngestError::Unsigned { author: *author, hash: c.hash().to_string() })
+                        return Err(IngestError::Unsigned {
+                            author: *author,
+                            hash: c.hash().to_string(),
+                        })
                     }
                     None => {}
                 }
@@ -441,7 +530,10 @@ impl Document {
         }
         verify_sigs(&self.id(), &to_verify)?;
         let sorted = topo_sort(fresh);
-        Ok((sorted, to_verify.into_iter().map(|(_, h, s)| (h, s)).collect()))
+        Ok((
+            sorted,
+            to_verify.into_iter().map(|(_, h, s)| (h, s)).collect(),
+        ))
     }
 
     /// The changes a peer holding `their` lacks, as one chunk of at most about
@@ -449,7 +541,10 @@ impl Document {
     /// Returns the batch, whether more remains after it, and the clock the peer
     /// will have once it applies the batch.
     pub fn missing_for(&self, their: &Clock, budget: usize) -> (ChangeBatch, bool, Clock) {
-        let behind = self.chains.iter().any(|(a, c)| their.get(a).copied().unwrap_or(0) < c.len() as u64);
+        let behind = self
+            .chains
+            .iter()
+            .any(|(a, c)| their.get(a).copied().unwrap_or(0) < c.len() as u64);
         if !behind {
             return (ChangeBatch::default(), false, their.clone());
         }
@@ -501,7 +596,10 @@ impl Document {
         let included: HashSet<ChangeHash> = changes[..cut].iter().map(|c| c.hash()).collect();
         let mut tips: BTreeMap<EnterpriseId, ChangeHash> = BTreeMap::new();
         for c in &changes[..cut] {
-            tips.insert(EnterpriseId::from_slice(c.actor_id().to_bytes()).expect("bound"), c.hash());
+            tips.insert(
+                EnterpriseId::from_slice(c.actor_id().to_bytes()).expect("bound"),
+                c.hash(),
+            );
         }
         out.sigs.retain(|(h, _)| included.contains(h));
         for h in tips.values() {
@@ -531,11 +629,20 @@ impl Document {
     }
 }
 
-fn verify_sigs(doc: &DocId, items: &[(EnterpriseId, ChangeHash, [u8; 64])]) -> Result<(), IngestError> {
+fn verify_sigs(
+    doc: &DocId,
+    items: &[(EnterpriseId, ChangeHash, [u8; 64])],
+) -> Result<(), IngestError> {
     if items.len() >= 4 {
-        let payloads: Vec<Vec<u8>> = items.iter().map(|(_, h, _)| change_sig_payload(doc, h)).collect();
+        let payloads: Vec<Vec<u8>> = items
+            .iter()
+            .map(|(_, h, _)| change_sig_payload(doc, h))
+            .collect();
         let msgs: Vec<&[u8]> = payloads.iter().map(|p| p.as_slice()).collect();
-        let sigs: Vec<Signature> = items.iter().map(|(_, _, s)| Signature::from_bytes(s)).collect();
+        let sigs: Vec<Signature> = items
+            .iter()
+            .map(|(_, _, s)| Signature::from_bytes(s))
+            .collect();
         let keys: Option<Vec<_>> = items.iter().map(|(a, _, _)| a.verifying_key()).collect();
         if let Some(keys) = keys {
             if ed25519_dalek::verify_batch(&msgs, &sigs, &keys).is_ok() {
@@ -545,7 +652,10 @@ fn verify_sigs(doc: &DocId, items: &[(EnterpriseId, ChangeHash, [u8; 64])]) -> R
     }
     for (a, h, s) in items {
         if !sig_ok(a, doc, h, s) {
-            return Err(IngestError::BadSignature { author: *a, hash: h.to_string() });
+            return Err(IngestError::BadSignature {
+                author: *a,
+                hash: h.to_string(),
+            });
         }
     }
     Ok(())
@@ -553,7 +663,11 @@ fn verify_sigs(doc: &DocId, items: &[(EnterpriseId, ChangeHash, [u8; 64])]) -> R
 
 /// Orders changes so that every change follows its deps (ties broken by hash: deterministic).
 fn topo_sort<C: ChangeInfo>(changes: Vec<C>) -> Vec<C> {
-    let index: HashMap<ChangeHash, usize> = changes.iter().enumerate().map(|(i, c)| (c.hash(), i)).collect();
+    let index: HashMap<ChangeHash, usize> = changes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.hash(), i))
+        .collect();
     let mut indegree = vec![0usize; changes.len()];
     let mut children: Vec<Vec<usize>> = vec![Vec::new(); changes.len()];
     for (i, c) in changes.iter().enumerate() {
@@ -564,8 +678,10 @@ fn topo_sort<C: ChangeInfo>(changes: Vec<C>) -> Vec<C> {
             }
         }
     }
-    let mut ready: BTreeSet<(ChangeHash, usize)> =
-        (0..changes.len()).filter(|i| indegree[*i] == 0).map(|i| (changes[i].hash(), i)).collect();
+    let mut ready: BTreeSet<(ChangeHash, usize)> = (0..changes.len())
+        .filter(|i| indegree[*i] == 0)
+        .map(|i| (changes[i].hash(), i))
+        .collect();
     let mut order = Vec::with_capacity(changes.len());
     while let Some(first) = ready.iter().next().copied() {
         ready.remove(&first);

@@ -31,7 +31,9 @@ pub struct Keypair {
 impl Keypair {
     /// Builds a keypair from a 32-byte secret (the caller supplies the randomness).
     pub fn from_secret(secret: [u8; 32]) -> Self {
-        Self { signing: SigningKey::from_bytes(&secret) }
+        Self {
+            signing: SigningKey::from_bytes(&secret),
+        }
     }
     /// The 32-byte secret, for persisting the key.
     pub fn secret_bytes(&self) -> [u8; 32] {
@@ -97,7 +99,9 @@ impl EnterpriseId {
         sig: &Signature,
     ) -> bool {
         match VerifyingKey::from_bytes(&self.0) {
-            Ok(vk) => vk.verify_strict(&change_sig_payload(doc, hash), sig).is_ok(),
+            Ok(vk) => vk
+                .verify_strict(&change_sig_payload(doc, hash), sig)
+                .is_ok(),
             Err(_) => false,
         }
     }
@@ -130,7 +134,12 @@ impl fmt::Display for EnterpriseId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut buf = self.0.to_vec();
         buf.extend_from_slice(&checksum(&self.0));
-        write!(f, "{}{}", ENTERPRISE_ID_PREFIX, data_encoding::BASE32_NOPAD.encode(&buf).to_lowercase())
+        write!(
+            f,
+            "{}{}",
+            ENTERPRISE_ID_PREFIX,
+            data_encoding::BASE32_NOPAD.encode(&buf).to_lowercase()
+        )
     }
 }
 
@@ -143,7 +152,9 @@ impl fmt::Debug for EnterpriseId {
 impl FromStr for EnterpriseId {
     type Err = IdError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let rest = s.strip_prefix(ENTERPRISE_ID_PREFIX).ok_or(IdError::Prefix)?;
+        let rest = s
+            .strip_prefix(ENTERPRISE_ID_PREFIX)
+            .ok_or(IdError::Prefix)?;
         let bytes = data_encoding::BASE32_NOPAD
             .decode(rest.to_uppercase().as_bytes())
             .map_err(|_| IdError::Encoding)?;
@@ -187,8 +198,14 @@ mod tests {
         let i = 10;
         chars[i] = if chars[i] == 'a' { 'b' } else { 'a' };
         let typo: String = chars.into_iter().collect();
-        assert!(matches!(typo.parse::<EnterpriseId>(), Err(IdError::Checksum)));
-        assert!(matches!("xx1abc".parse::<EnterpriseId>(), Err(IdError::Prefix)));
+        assert!(matches!(
+            typo.parse::<EnterpriseId>(),
+            Err(IdError::Checksum)
+        ));
+        assert!(matches!(
+            "xx1abc".parse::<EnterpriseId>(),
+            Err(IdError::Prefix)
+        ));
         assert!("cf1!!".parse::<EnterpriseId>().is_err());
     }
 

@@ -28,16 +28,32 @@ pub const VOCABULARY_JSON: &str = include_str!("vocabulary.json");
 
 /// Process names accepted in orders and capacity.
 pub const PROCESSES: [&str; 16] = [
-    "cnc-milling", "cnc-turning", "sheet-metal", "laser-cutting", "welding", "injection-molding",
-    "die-casting", "investment-casting", "forging", "additive-fdm", "additive-sls", "additive-slm",
-    "surface-finishing", "heat-treatment", "assembly", "pcb-assembly",
+    "cnc-milling",
+    "cnc-turning",
+    "sheet-metal",
+    "laser-cutting",
+    "welding",
+    "injection-molding",
+    "die-casting",
+    "investment-casting",
+    "forging",
+    "additive-fdm",
+    "additive-sls",
+    "additive-slm",
+    "surface-finishing",
+    "heat-treatment",
+    "assembly",
+    "pcb-assembly",
 ];
 
 /// Longest accepted free-text field (titles, notes, comments), in bytes.
 pub const MAX_TEXT: usize = 16 * 1024;
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> EditError {
-    EditError::Invalid { field, reason: reason.into() }
+    EditError::Invalid {
+        field,
+        reason: reason.into(),
+    }
 }
 
 fn check_text(field: &'static str, s: &str, required: bool) -> Result<(), EditError> {
@@ -56,7 +72,9 @@ pub fn check_date(field: &'static str, s: &str) -> Result<(), EditError> {
     let ok = b.len() == 10
         && b[4] == b'-'
         && b[7] == b'-'
-        && [0, 1, 2, 3, 5, 6, 8, 9].iter().all(|i| b[*i].is_ascii_digit());
+        && [0, 1, 2, 3, 5, 6, 8, 9]
+            .iter()
+            .all(|i| b[*i].is_ascii_digit());
     if !ok {
         return Err(invalid(field, "expected an ISO 8601 date YYYY-MM-DD"));
     }
@@ -92,7 +110,9 @@ fn check_region(field: &'static str, s: &str) -> Result<(), EditError> {
     if c.len() == 2
         && c.bytes().all(|b| b.is_ascii_uppercase())
         && (1..=3).contains(&sub.len())
-        && sub.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+        && sub
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
     {
         Ok(())
     } else {
@@ -103,7 +123,10 @@ fn check_region(field: &'static str, s: &str) -> Result<(), EditError> {
 fn check_processes(field: &'static str, ps: &[String]) -> Result<(), EditError> {
     for p in ps {
         if !PROCESSES.contains(&p.as_str()) {
-            return Err(invalid(field, format!("unknown process {p:?}; known: {}", PROCESSES.join(", "))));
+            return Err(invalid(
+                field,
+                format!("unknown process {p:?}; known: {}", PROCESSES.join(", ")),
+            ));
         }
     }
     Ok(())
@@ -153,7 +176,9 @@ fn get_i64(doc: &Automerge, obj: &ObjId, key: &str) -> Option<i64> {
     }
 }
 fn get_str_list(doc: &Automerge, obj: &ObjId, key: &str) -> Vec<String> {
-    let Some(list) = get_obj(doc, obj, key) else { return Vec::new() };
+    let Some(list) = get_obj(doc, obj, key) else {
+        return Vec::new();
+    };
     doc.list_range(&list, ..)
         .filter_map(|item| match item.value.into_value() {
             Value::Scalar(s) => match s.as_ref() {
@@ -165,7 +190,9 @@ fn get_str_list(doc: &Automerge, obj: &ObjId, key: &str) -> Vec<String> {
         .collect()
 }
 fn list_objs(doc: &Automerge, obj: &ObjId, key: &str) -> Vec<ObjId> {
-    let Some(list) = get_obj(doc, obj, key) else { return Vec::new() };
+    let Some(list) = get_obj(doc, obj, key) else {
+        return Vec::new();
+    };
     doc.list_range(&list, ..)
         .filter_map(|item| match item.value.clone().into_value() {
             Value::Object(_) => Some(item.id()),
@@ -174,18 +201,32 @@ fn list_objs(doc: &Automerge, obj: &ObjId, key: &str) -> Vec<ObjId> {
         .collect()
 }
 fn map_keys(doc: &Automerge, obj: &ObjId, key: &str) -> Vec<(String, ObjId)> {
-    let Some(m) = get_obj(doc, obj, key) else { return Vec::new() };
-    doc.keys(&m).filter_map(|k| get_obj(doc, &m, &k).map(|o| (k, o))).collect()
+    let Some(m) = get_obj(doc, obj, key) else {
+        return Vec::new();
+    };
+    doc.keys(&m)
+        .filter_map(|k| get_obj(doc, &m, &k).map(|o| (k, o)))
+        .collect()
 }
 
-fn put_str_list(tx: &mut Transaction<'_>, obj: &ObjId, key: &str, items: &[String]) -> Result<(), EditError> {
+fn put_str_list(
+    tx: &mut Transaction<'_>,
+    obj: &ObjId,
+    key: &str,
+    items: &[String],
+) -> Result<(), EditError> {
     let list = tx.put_object(obj, key, ObjType::List)?;
     for (i, s) in items.iter().enumerate() {
         tx.insert(&list, i, s.as_str())?;
     }
     Ok(())
 }
-fn put_opt_str(tx: &mut Transaction<'_>, obj: &ObjId, key: &str, v: &Option<String>) -> Result<(), EditError> {
+fn put_opt_str(
+    tx: &mut Transaction<'_>,
+    obj: &ObjId,
+    key: &str,
+    v: &Option<String>,
+) -> Result<(), EditError> {
     if let Some(v) = v {
         tx.put(obj, key, v.as_str())?;
     }
@@ -210,17 +251,34 @@ fn new_document(
     if members.values().any(|r| *r == Role::Owner) {
         return Err(invalid("members", "role owner belongs to the creator only"));
     }
-    let g = Genesis { schema: SCHEMA_VERSION, kind, owner: owner.id(), visibility, members, created_ms: now_ms, nonce };
+    let g = Genesis {
+        schema: SCHEMA_VERSION,
+        kind,
+        owner: owner.id(),
+        visibility,
+        members,
+        created_ms: now_ms,
+        nonce,
+    };
     let sg = SignedGenesis::sign(g, owner).map_err(|e| invalid("genesis", e.to_string()))?;
     Ok(Document::new(sg))
 }
 
 fn members_view(doc: &Document) -> BTreeMap<String, String> {
-    doc.members().into_iter().map(|(k, v)| (k.to_string(), v.as_str().to_string())).collect()
+    doc.members()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.as_str().to_string()))
+        .collect()
 }
 
 /// Sets or removes a member (owner only). `role = None` removes.
-pub fn set_member(doc: &mut Document, kp: &Keypair, now_ms: i64, who: EnterpriseId, role: Option<Role>) -> Result<Accepted, EditError> {
+pub fn set_member(
+    doc: &mut Document,
+    kp: &Keypair,
+    now_ms: i64,
+    who: EnterpriseId,
+    role: Option<Role>,
+) -> Result<Accepted, EditError> {
     if role == Some(Role::Owner) {
         return Err(invalid("role", "role owner belongs to the creator only"));
     }
@@ -322,9 +380,14 @@ impl OrderInput {
             }
         }
         if let Some(i) = &self.incoterms {
-            const INCOTERMS: [&str; 11] = ["EXW", "FCA", "FAS", "FOB", "CFR", "CIF", "CPT", "CIP", "DAP", "DPU", "DDP"];
+            const INCOTERMS: [&str; 11] = [
+                "EXW", "FCA", "FAS", "FOB", "CFR", "CIF", "CPT", "CIP", "DAP", "DPU", "DDP",
+            ];
             if !INCOTERMS.contains(&i.as_str()) {
-                return Err(invalid("incoterms", "expected an Incoterms 2020 rule such as DAP"));
+                return Err(invalid(
+                    "incoterms",
+                    "expected an Incoterms 2020 rule such as DAP",
+                ));
             }
         }
         if let Some(s) = &self.status {
@@ -332,7 +395,16 @@ impl OrderInput {
                 return Err(invalid("status", "a new order is open or draft"));
             }
         }
-        for s in [&self.material, &self.tolerance, &self.description, &self.design, &self.unit].into_iter().flatten() {
+        for s in [
+            &self.material,
+            &self.tolerance,
+            &self.description,
+            &self.design,
+            &self.unit,
+        ]
+        .into_iter()
+        .flatten()
+        {
             check_text("text", s, false)?;
         }
         Ok(())
@@ -360,9 +432,21 @@ fn write_request(tx: &mut Transaction<'_>, req: &ObjId, o: &OrderInput) -> Resul
 }
 
 /// Creates an order owned by `buyer`.
-pub fn create_order(buyer: &Keypair, input: &OrderInput, now_ms: i64, nonce: u64) -> Result<(Document, Accepted), EditError> {
+pub fn create_order(
+    buyer: &Keypair,
+    input: &OrderInput,
+    now_ms: i64,
+    nonce: u64,
+) -> Result<(Document, Accepted), EditError> {
     input.validate()?;
-    let mut doc = new_document(Kind::Order, buyer, input.visibility, input.members.clone(), now_ms, nonce)?;
+    let mut doc = new_document(
+        Kind::Order,
+        buyer,
+        input.visibility,
+        input.members.clone(),
+        now_ms,
+        nonce,
+    )?;
     let status = input.status.clone().unwrap_or_else(|| "open".into());
     let (_, acc) = doc.edit(buyer, now_ms, |tx| {
         let req = tx.put_object(ROOT, "request", ObjType::Map)?;
@@ -402,7 +486,12 @@ pub struct BidInput {
 }
 
 /// Places (or replaces) the caller's own bid.
-pub fn place_bid(doc: &mut Document, supplier: &Keypair, now_ms: i64, bid: &BidInput) -> Result<Accepted, EditError> {
+pub fn place_bid(
+    doc: &mut Document,
+    supplier: &Keypair,
+    now_ms: i64,
+    bid: &BidInput,
+) -> Result<Accepted, EditError> {
     if !(bid.unit_price.is_finite() && bid.unit_price >= 0.0) {
         return Err(invalid("unit_price", "must be a non-negative number"));
     }
@@ -442,7 +531,12 @@ fn get_obj_tx(tx: &Transaction<'_>, key: &'static str) -> Result<ObjId, EditErro
 }
 
 /// Awards the order (whole or split): supplier → quantity. Moves the status to `awarded`.
-pub fn award(doc: &mut Document, buyer: &Keypair, now_ms: i64, awards: &BTreeMap<EnterpriseId, u64>) -> Result<Accepted, EditError> {
+pub fn award(
+    doc: &mut Document,
+    buyer: &Keypair,
+    now_ms: i64,
+    awards: &BTreeMap<EnterpriseId, u64>,
+) -> Result<Accepted, EditError> {
     if awards.is_empty() {
         return Err(invalid("awards", "name at least one supplier"));
     }
@@ -469,9 +563,17 @@ pub fn award(doc: &mut Document, buyer: &Keypair, now_ms: i64, awards: &BTreeMap
 }
 
 /// Moves the order's status (buyer only, along the lifecycle).
-pub fn set_status(doc: &mut Document, buyer: &Keypair, now_ms: i64, status: &str) -> Result<Accepted, EditError> {
+pub fn set_status(
+    doc: &mut Document,
+    buyer: &Keypair,
+    now_ms: i64,
+    status: &str,
+) -> Result<Accepted, EditError> {
     if rules::status_rank(status) == 0 {
-        return Err(invalid("status", format!("unknown status; one of {}", rules::STATUSES.join(", "))));
+        return Err(invalid(
+            "status",
+            format!("unknown status; one of {}", rules::STATUSES.join(", ")),
+        ));
     }
     let (_, acc) = doc.edit(buyer, now_ms, |tx| {
         tx.put(ROOT, "status", status)?;
@@ -502,7 +604,12 @@ pub struct ProgressInput {
 }
 
 /// Reports the caller's own progress on an order it was awarded.
-pub fn report_progress(doc: &mut Document, supplier: &Keypair, now_ms: i64, p: &ProgressInput) -> Result<Accepted, EditError> {
+pub fn report_progress(
+    doc: &mut Document,
+    supplier: &Keypair,
+    now_ms: i64,
+    p: &ProgressInput,
+) -> Result<Accepted, EditError> {
     let me = supplier.id().to_string();
     let (_, acc) = doc.edit(supplier, now_ms, |tx| {
         let prog = get_obj_tx(tx, "progress")?;
@@ -535,9 +642,18 @@ pub fn report_progress(doc: &mut Document, supplier: &Keypair, now_ms: i64, p: &
 }
 
 /// Appends a message to a document's discussion (orders) or comments (designs).
-pub fn comment(doc: &mut Document, author: &Keypair, now_ms: i64, text: &str) -> Result<Accepted, EditError> {
+pub fn comment(
+    doc: &mut Document,
+    author: &Keypair,
+    now_ms: i64,
+    text: &str,
+) -> Result<Accepted, EditError> {
     check_text("text", text, true)?;
-    let key = if doc.genesis().kind == Kind::Design { "comments" } else { "discussion" };
+    let key = if doc.genesis().kind == Kind::Design {
+        "comments"
+    } else {
+        "discussion"
+    };
     if doc.genesis().kind == Kind::Capacity {
         return Err(invalid("text", "capacity has no discussion"));
     }
@@ -681,30 +797,40 @@ pub fn order_view(doc: &Document) -> Option<OrderView> {
     let bids = map_keys(d, &ROOT, "bids")
         .into_iter()
         .map(|(k, b)| {
-            (k, BidView {
-                unit_price: get_f64(d, &b, "unit_price"),
-                currency: get_str(d, &b, "currency"),
-                quantity: get_u64(d, &b, "quantity"),
-                lead_time_days: get_u64(d, &b, "lead_time_days"),
-                tooling_cost: get_f64(d, &b, "tooling_cost"),
-                valid_until: get_str(d, &b, "valid_until"),
-                note: get_str(d, &b, "note"),
-            })
+            (
+                k,
+                BidView {
+                    unit_price: get_f64(d, &b, "unit_price"),
+                    currency: get_str(d, &b, "currency"),
+                    quantity: get_u64(d, &b, "quantity"),
+                    lead_time_days: get_u64(d, &b, "lead_time_days"),
+                    tooling_cost: get_f64(d, &b, "tooling_cost"),
+                    valid_until: get_str(d, &b, "valid_until"),
+                    note: get_str(d, &b, "note"),
+                },
+            )
         })
         .collect();
     let award: BTreeMap<String, u64> = get_obj(d, &ROOT, "award")
-        .map(|a| d.keys(&a).filter_map(|k| get_u64(d, &a, &k).map(|q| (k, q))).collect())
+        .map(|a| {
+            d.keys(&a)
+                .filter_map(|k| get_u64(d, &a, &k).map(|q| (k, q)))
+                .collect()
+        })
         .unwrap_or_default();
     let progress = map_keys(d, &ROOT, "progress")
         .into_iter()
         .map(|(k, p)| {
-            (k, ProgressView {
-                produced: get_u64(d, &p, "produced"),
-                scrapped: get_u64(d, &p, "scrapped"),
-                milestones: get_str_list(d, &p, "milestones"),
-                quality: get_str(d, &p, "quality"),
-                machine_status: get_str(d, &p, "machine_status"),
-            })
+            (
+                k,
+                ProgressView {
+                    produced: get_u64(d, &p, "produced"),
+                    scrapped: get_u64(d, &p, "scrapped"),
+                    milestones: get_str_list(d, &p, "milestones"),
+                    quality: get_str(d, &p, "quality"),
+                    machine_status: get_str(d, &p, "machine_status"),
+                },
+            )
         })
         .collect();
     let quantity = get_u64(d, &req, "quantity").unwrap_or(0);
@@ -811,11 +937,19 @@ impl CapacityInput {
             check_text("machines.name", &m.name, true)?;
             check_processes("machines.process", std::slice::from_ref(&m.process))?;
             for w in m.free_hours.keys() {
-                let ok = w.len() == 8 && w.as_bytes()[4] == b'-' && w.as_bytes()[5] == b'W'
+                let ok = w.len() == 8
+                    && w.as_bytes()[4] == b'-'
+                    && w.as_bytes()[5] == b'W'
                     && w[..4].bytes().all(|b| b.is_ascii_digit())
-                    && w[6..].parse::<u32>().map(|n| (1..=53).contains(&n)).unwrap_or(false);
+                    && w[6..]
+                        .parse::<u32>()
+                        .map(|n| (1..=53).contains(&n))
+                        .unwrap_or(false);
                 if !ok {
-                    return Err(invalid("machines.free_hours", format!("{w:?} is not an ISO week like 2027-W09")));
+                    return Err(invalid(
+                        "machines.free_hours",
+                        format!("{w:?} is not an ISO week like 2027-W09"),
+                    ));
                 }
             }
             if m.free_hours.values().any(|h| *h > 168) {
@@ -873,9 +1007,21 @@ fn write_capacity(tx: &mut Transaction<'_>, c: &CapacityInput) -> Result<(), Edi
 }
 
 /// Creates a supplier's capacity document (public).
-pub fn create_capacity(supplier: &Keypair, c: &CapacityInput, now_ms: i64, nonce: u64) -> Result<(Document, Accepted), EditError> {
+pub fn create_capacity(
+    supplier: &Keypair,
+    c: &CapacityInput,
+    now_ms: i64,
+    nonce: u64,
+) -> Result<(Document, Accepted), EditError> {
     c.validate()?;
-    let mut doc = new_document(Kind::Capacity, supplier, Visibility::Public, BTreeMap::new(), now_ms, nonce)?;
+    let mut doc = new_document(
+        Kind::Capacity,
+        supplier,
+        Visibility::Public,
+        BTreeMap::new(),
+        now_ms,
+        nonce,
+    )?;
     let (_, acc) = doc.edit(supplier, now_ms, |tx| {
         write_capacity(tx, c)?;
         tx.put_object(ROOT, "members", ObjType::Map)?;
@@ -885,7 +1031,12 @@ pub fn create_capacity(supplier: &Keypair, c: &CapacityInput, now_ms: i64, nonce
 }
 
 /// Replaces the content of a capacity document.
-pub fn update_capacity(doc: &mut Document, supplier: &Keypair, now_ms: i64, c: &CapacityInput) -> Result<Accepted, EditError> {
+pub fn update_capacity(
+    doc: &mut Document,
+    supplier: &Keypair,
+    now_ms: i64,
+    c: &CapacityInput,
+) -> Result<Accepted, EditError> {
     c.validate()?;
     let (_, acc) = doc.edit(supplier, now_ms, |tx| write_capacity(tx, c))?;
     Ok(acc)
@@ -936,7 +1087,11 @@ pub fn capacity_view(doc: &Document) -> Option<CapacityView> {
             name: get_str(d, &o, "name").unwrap_or_default(),
             process: get_str(d, &o, "process").unwrap_or_default(),
             free_hours: get_obj(d, &o, "free_hours")
-                .map(|h| d.keys(&h).filter_map(|k| get_u64(d, &h, &k).map(|v| (k, v as u32))).collect())
+                .map(|h| {
+                    d.keys(&h)
+                        .filter_map(|k| get_u64(d, &h, &k).map(|v| (k, v as u32)))
+                        .collect()
+                })
                 .unwrap_or_default(),
         })
         .collect();
@@ -976,12 +1131,24 @@ pub struct DesignInput {
 }
 
 /// Creates a design owned by `owner`.
-pub fn create_design(owner: &Keypair, input: &DesignInput, now_ms: i64, nonce: u64) -> Result<(Document, Accepted), EditError> {
+pub fn create_design(
+    owner: &Keypair,
+    input: &DesignInput,
+    now_ms: i64,
+    nonce: u64,
+) -> Result<(Document, Accepted), EditError> {
     check_text("title", &input.title, true)?;
     if input.description.len() > 4 * 1024 * 1024 {
         return Err(invalid("description", "longer than 4 MiB"));
     }
-    let mut doc = new_document(Kind::Design, owner, input.visibility, input.members.clone(), now_ms, nonce)?;
+    let mut doc = new_document(
+        Kind::Design,
+        owner,
+        input.visibility,
+        input.members.clone(),
+        now_ms,
+        nonce,
+    )?;
     let (_, acc) = doc.edit(owner, now_ms, |tx| {
         tx.put(ROOT, "title", input.title.as_str())?;
         let t = tx.put_object(ROOT, "description", ObjType::Text)?;
@@ -1012,7 +1179,12 @@ pub struct Splice {
 }
 
 /// Edits a design's description text.
-pub fn splice_description(doc: &mut Document, author: &Keypair, now_ms: i64, s: &Splice) -> Result<Accepted, EditError> {
+pub fn splice_description(
+    doc: &mut Document,
+    author: &Keypair,
+    now_ms: i64,
+    s: &Splice,
+) -> Result<Accepted, EditError> {
     if s.insert.len() > MAX_TEXT * 64 {
         return Err(invalid("insert", "too long"));
     }
@@ -1023,10 +1195,16 @@ pub fn splice_description(doc: &mut Document, author: &Keypair, now_ms: i64, s: 
         };
         let len = tx.length(&t);
         if s.pos > len {
-            return Err(invalid("pos", format!("beyond the end of the text ({len})")));
+            return Err(invalid(
+                "pos",
+                format!("beyond the end of the text ({len})"),
+            ));
         }
         if s.pos + s.delete > len {
-            return Err(invalid("delete", format!("beyond the end of the text ({len})")));
+            return Err(invalid(
+                "delete",
+                format!("beyond the end of the text ({len})"),
+            ));
         }
         tx.splice_text(&t, s.pos, s.delete as isize, &s.insert)?;
         Ok(())
@@ -1035,7 +1213,14 @@ pub fn splice_description(doc: &mut Document, author: &Keypair, now_ms: i64, s: 
 }
 
 /// Sets a named design parameter.
-pub fn set_parameter(doc: &mut Document, author: &Keypair, now_ms: i64, name: &str, value: f64, unit: &str) -> Result<Accepted, EditError> {
+pub fn set_parameter(
+    doc: &mut Document,
+    author: &Keypair,
+    now_ms: i64,
+    name: &str,
+    value: f64,
+    unit: &str,
+) -> Result<Accepted, EditError> {
     check_text("name", name, true)?;
     if !value.is_finite() {
         return Err(invalid("value", "must be a finite number"));
@@ -1069,9 +1254,18 @@ pub fn add_attachment(
         return Err(invalid("content", "empty file"));
     }
     if bytes.len() > MAX_ATTACHMENT_BYTES {
-        return Err(invalid("content", format!("{} bytes is over the {MAX_ATTACHMENT_BYTES}-byte limit", bytes.len())));
+        return Err(invalid(
+            "content",
+            format!(
+                "{} bytes is over the {MAX_ATTACHMENT_BYTES}-byte limit",
+                bytes.len()
+            ),
+        ));
     }
-    let key: String = sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect();
+    let key: String = sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     let me = author.id().to_string();
     let (_, acc) = doc.edit(author, now_ms, |tx| {
         let atts = get_obj_tx(tx, "attachments")?;
@@ -1111,7 +1305,12 @@ pub struct AttachmentView {
 }
 
 /// Releases a revision: pins the current heads under `name` (owner or approver).
-pub fn release(doc: &mut Document, author: &Keypair, now_ms: i64, name: &str) -> Result<Accepted, EditError> {
+pub fn release(
+    doc: &mut Document,
+    author: &Keypair,
+    now_ms: i64,
+    name: &str,
+) -> Result<Accepted, EditError> {
     check_text("name", name, true)?;
     let heads = hex_heads(&doc.heads());
     let me = author.id().to_string();
@@ -1185,10 +1384,20 @@ pub fn design_view(doc: &Document) -> Option<DesignView> {
         return None;
     }
     let d = doc.automerge();
-    let text = get_obj(d, &ROOT, "description").and_then(|t| d.text(&t).ok()).unwrap_or_default();
+    let text = get_obj(d, &ROOT, "description")
+        .and_then(|t| d.text(&t).ok())
+        .unwrap_or_default();
     let parameters = map_keys(d, &ROOT, "parameters")
         .into_iter()
-        .map(|(k, p)| (k, ParameterView { value: get_f64(d, &p, "value"), unit: get_str(d, &p, "unit") }))
+        .map(|(k, p)| {
+            (
+                k,
+                ParameterView {
+                    value: get_f64(d, &p, "value"),
+                    unit: get_str(d, &p, "unit"),
+                },
+            )
+        })
         .collect();
     let releases = list_objs(d, &ROOT, "releases")
         .into_iter()
@@ -1211,7 +1420,15 @@ pub fn design_view(doc: &Document) -> Option<DesignView> {
         attachments: map_keys(d, &ROOT, "attachments")
             .into_iter()
             .map(|(k, a)| {
-                (k, AttachmentView { name: get_str(d, &a, "name").unwrap_or_default(), media_type: get_str(d, &a, "media_type"), size: get_u64(d, &a, "size"), by: get_str(d, &a, "by") })
+                (
+                    k,
+                    AttachmentView {
+                        name: get_str(d, &a, "name").unwrap_or_default(),
+                        media_type: get_str(d, &a, "media_type"),
+                        size: get_u64(d, &a, "size"),
+                        by: get_str(d, &a, "by"),
+                    },
+                )
             })
             .collect(),
         members: members_view(doc),

@@ -15,8 +15,15 @@ use crate::error::{Rule, RuleViolation};
 use crate::identity::EnterpriseId;
 
 /// Order status lifecycle, in order of precedence when concurrent moves conflict.
-pub const STATUSES: [&str; 7] =
-    ["draft", "open", "awarded", "in_production", "shipped", "accepted", "cancelled"];
+pub const STATUSES: [&str; 7] = [
+    "draft",
+    "open",
+    "awarded",
+    "in_production",
+    "shipped",
+    "accepted",
+    "cancelled",
+];
 
 /// Whether `to` may follow `from` in the order lifecycle.
 pub fn status_transition_ok(from: &str, to: &str) -> bool {
@@ -33,7 +40,11 @@ pub fn status_transition_ok(from: &str, to: &str) -> bool {
 
 /// Rank of a status (position in [`STATUSES`]); unknown values rank lowest.
 pub fn status_rank(s: &str) -> usize {
-    STATUSES.iter().position(|x| *x == s).map(|i| i + 1).unwrap_or(0)
+    STATUSES
+        .iter()
+        .position(|x| *x == s)
+        .map(|i| i + 1)
+        .unwrap_or(0)
 }
 
 /// One operation of a change, seen as the map path it writes.
@@ -65,7 +76,12 @@ fn map_at(doc: &Automerge, key: &str, heads: &[ChangeHash]) -> Option<ObjId> {
 }
 
 /// The role of `who` at `heads`: owner from the genesis, then the `members` map, then the genesis members.
-pub fn role_at(doc: &Automerge, g: &Genesis, who: &EnterpriseId, heads: &[ChangeHash]) -> Option<Role> {
+pub fn role_at(
+    doc: &Automerge,
+    g: &Genesis,
+    who: &EnterpriseId,
+    heads: &[ChangeHash],
+) -> Option<Role> {
     if *who == g.owner {
         return Some(Role::Owner);
     }
@@ -81,12 +97,16 @@ pub fn role_at(doc: &Automerge, g: &Genesis, who: &EnterpriseId, heads: &[Change
 /// one furthest along [`STATUSES`] (so `cancelled` wins any conflict).
 pub fn status_at(doc: &Automerge, heads: &[ChangeHash]) -> Option<String> {
     let all = doc.get_all_at(ROOT, "status", heads).ok()?;
-    all.iter().filter_map(|(v, _)| scalar_str(v)).max_by_key(|s| (status_rank(s), s.clone()))
+    all.iter()
+        .filter_map(|(v, _)| scalar_str(v))
+        .max_by_key(|s| (status_rank(s), s.clone()))
 }
 
 /// Whether the status at `heads` has more than one concurrent value.
 pub fn status_conflicted(doc: &Automerge, heads: &[ChangeHash]) -> bool {
-    doc.get_all_at(ROOT, "status", heads).map(|v| v.len() > 1).unwrap_or(false)
+    doc.get_all_at(ROOT, "status", heads)
+        .map(|v| v.len() > 1)
+        .unwrap_or(false)
 }
 
 fn key_present_at(doc: &Automerge, container: &str, key: &str, heads: &[ChangeHash]) -> bool {
@@ -105,7 +125,9 @@ pub fn targets_of(doc: &Automerge, change: &Change) -> Result<Vec<Target>, Strin
             automerge::legacy::ObjectId::Root => Vec::new(),
             automerge::legacy::ObjectId::Id(automerge::legacy::OpId(ctr, actor)) => {
                 let exid = ObjId::Id(*ctr, actor.clone(), usize::MAX);
-                let parents = doc.parents(&exid).map_err(|e| format!("unknown object: {e}"))?;
+                let parents = doc
+                    .parents(&exid)
+                    .map_err(|e| format!("unknown object: {e}"))?;
                 parents
                     .path()
                     .into_iter()
@@ -125,7 +147,11 @@ pub fn targets_of(doc: &Automerge, change: &Change) -> Result<Vec<Target>, Strin
             automerge::legacy::OpType::Delete => (None, true),
             _ => (None, false),
         };
-        out.push(Target { path, value, delete });
+        out.push(Target {
+            path,
+            value,
+            delete,
+        });
     }
     Ok(out)
 }
@@ -144,7 +170,11 @@ pub struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn violation(&self, rule: Rule, path: &[String]) -> RuleViolation {
-        RuleViolation { rule, path: path.join("/"), author: self.author }
+        RuleViolation {
+            rule,
+            path: path.join("/"),
+            author: self.author,
+        }
     }
     fn is_init(&self) -> bool {
         self.deps.is_empty()
@@ -153,8 +183,18 @@ impl Ctx<'_> {
 
 /// The decisions that need no op decoding (they keep a 100k-change design sync cheap):
 /// `Some(result)` when the author and kind alone decide, `None` when the ops must be read.
-pub fn check_without_ops(genesis: &Genesis, author: &EnterpriseId, is_init: bool) -> Option<Result<(), RuleViolation>> {
-    let v = |rule| Err(RuleViolation { rule, path: String::new(), author: *author });
+pub fn check_without_ops(
+    genesis: &Genesis,
+    author: &EnterpriseId,
+    is_init: bool,
+) -> Option<Result<(), RuleViolation>> {
+    let v = |rule| {
+        Err(RuleViolation {
+            rule,
+            path: String::new(),
+            author: *author,
+        })
+    };
     if is_init && *author != genesis.owner {
         return Some(v(Rule::InitByOwnerOnly));
     }
@@ -167,13 +207,23 @@ pub fn check_without_ops(genesis: &Genesis, author: &EnterpriseId, is_init: bool
 }
 
 /// Checks one change (already applied to `doc`) against the rules of its document.
-pub fn check_change(doc: &Automerge, genesis: &Genesis, change: &Change) -> Result<(), RuleViolation> {
-    let author = EnterpriseId::from_slice(change.actor_id().to_bytes()).map_err(|_| RuleViolation {
-        rule: Rule::NotMember,
-        path: String::new(),
-        author: EnterpriseId([0; 32]),
-    })?;
-    let ctx = Ctx { doc, genesis, author, deps: change.deps() };
+pub fn check_change(
+    doc: &Automerge,
+    genesis: &Genesis,
+    change: &Change,
+) -> Result<(), RuleViolation> {
+    let author =
+        EnterpriseId::from_slice(change.actor_id().to_bytes()).map_err(|_| RuleViolation {
+            rule: Rule::NotMember,
+            path: String::new(),
+            author: EnterpriseId([0; 32]),
+        })?;
+    let ctx = Ctx {
+        doc,
+        genesis,
+        author,
+        deps: change.deps(),
+    };
     if let Some(r) = check_without_ops(genesis, &author, ctx.is_init()) {
         return r;
     }
@@ -186,7 +236,11 @@ pub fn check_change(doc: &Automerge, genesis: &Genesis, change: &Change) -> Resu
 }
 
 /// Checks a list of targets written by `ctx.author` with role `role` at `ctx.deps`.
-pub fn check_targets(ctx: &Ctx<'_>, role: Option<Role>, targets: &[Target]) -> Result<(), RuleViolation> {
+pub fn check_targets(
+    ctx: &Ctx<'_>,
+    role: Option<Role>,
+    targets: &[Target],
+) -> Result<(), RuleViolation> {
     for t in targets {
         match ctx.genesis.kind {
             Kind::Order => check_order(ctx, role, t)?,
@@ -210,13 +264,18 @@ fn check_members(ctx: &Ctx<'_>, t: &Target) -> Result<(), RuleViolation> {
             .parse()
             .map_err(|_| ctx.violation(Rule::InvalidValue("member id".into()), &t.path))?;
         if who == ctx.genesis.owner {
-            return Err(ctx.violation(Rule::InvalidValue("owner cannot be a member".into()), &t.path));
+            return Err(ctx.violation(
+                Rule::InvalidValue("owner cannot be a member".into()),
+                &t.path,
+            ));
         }
         if let Some(v) = &t.value {
             match v {
                 ScalarValue::Str(s) if s.as_str() == "removed" => {}
                 ScalarValue::Str(s) if Role::parse(s).is_some_and(|r| r != Role::Owner) => {}
-                ScalarValue::Str(s) => return Err(ctx.violation(Rule::UnknownRole(s.to_string()), &t.path)),
+                ScalarValue::Str(s) => {
+                    return Err(ctx.violation(Rule::UnknownRole(s.to_string()), &t.path))
+                }
                 _ => return Err(ctx.violation(Rule::UnknownRole("non-string".into()), &t.path)),
             }
         }
@@ -224,7 +283,14 @@ fn check_members(ctx: &Ctx<'_>, t: &Target) -> Result<(), RuleViolation> {
     Ok(())
 }
 
-const ORDER_CONTAINERS: [&str; 6] = ["request", "bids", "award", "progress", "discussion", "members"];
+const ORDER_CONTAINERS: [&str; 6] = [
+    "request",
+    "bids",
+    "award",
+    "progress",
+    "discussion",
+    "members",
+];
 
 fn check_order(ctx: &Ctx<'_>, role: Option<Role>, t: &Target) -> Result<(), RuleViolation> {
     let top = t.path[0].as_str();
@@ -251,7 +317,13 @@ fn check_order(ctx: &Ctx<'_>, role: Option<Role>, t: &Target) -> Result<(), Rule
             };
             if ctx.is_init() {
                 if to != "draft" && to != "open" {
-                    return Err(ctx.violation(Rule::StatusTransition { from: "(new)".into(), to }, &t.path));
+                    return Err(ctx.violation(
+                        Rule::StatusTransition {
+                            from: "(new)".into(),
+                            to,
+                        },
+                        &t.path,
+                    ));
                 }
                 return Ok(());
             }
@@ -278,7 +350,10 @@ fn check_order(ctx: &Ctx<'_>, role: Option<Role>, t: &Target) -> Result<(), Rule
             let may_bid = ctx.genesis.visibility == Visibility::Public
                 || matches!(role, Some(Role::Supplier));
             if !may_bid {
-                return Err(ctx.violation(Rule::ReadOnlyRole(role.map(|r| r.as_str()).unwrap_or("none")), &t.path));
+                return Err(ctx.violation(
+                    Rule::ReadOnlyRole(role.map(|r| r.as_str()).unwrap_or("none")),
+                    &t.path,
+                ));
             }
             let status = status_at(ctx.doc, ctx.deps).unwrap_or_default();
             if status != "open" {
@@ -300,8 +375,16 @@ fn check_order(ctx: &Ctx<'_>, role: Option<Role>, t: &Target) -> Result<(), Rule
     Ok(())
 }
 
-const DESIGN_CONTAINERS: [&str; 8] =
-    ["description", "parameters", "bom", "attachments", "comments", "releases", "calls", "members"];
+const DESIGN_CONTAINERS: [&str; 8] = [
+    "description",
+    "parameters",
+    "bom",
+    "attachments",
+    "comments",
+    "releases",
+    "calls",
+    "members",
+];
 
 fn check_design(ctx: &Ctx<'_>, role: Option<Role>, t: &Target) -> Result<(), RuleViolation> {
     let top = t.path[0].as_str();

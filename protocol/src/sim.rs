@@ -33,7 +33,11 @@ pub struct Faults {
 
 impl Default for Faults {
     fn default() -> Self {
-        Self { drop: 0.0, duplicate: 0.0, max_delay_ms: 5 }
+        Self {
+            drop: 0.0,
+            duplicate: 0.0,
+            max_delay_ms: 5,
+        }
     }
 }
 
@@ -123,7 +127,13 @@ impl SimNetwork {
         let mut secret = [0u8; 32];
         self.rng.fill(&mut secret);
         let key = Keypair::from_secret(secret);
-        self.nodes.push(SimNode { replica: Replica::new(key.clone()), store: DurableStore::default(), up: true, group: 0, key });
+        self.nodes.push(SimNode {
+            replica: Replica::new(key.clone()),
+            store: DurableStore::default(),
+            up: true,
+            group: 0,
+            key,
+        });
         let i = self.nodes.len() - 1;
         self.reconnect();
         let _ = i;
@@ -207,8 +217,13 @@ impl SimNetwork {
         let key = self.nodes[i].key.clone();
         let mut r = Replica::new(key);
         for s in self.nodes[i].store.docs.values() {
-            let d = Document::load_trusted(s.genesis.clone(), s.snapshot.as_deref(), s.changes.clone(), s.sigs.clone())
-                .expect("own store loads");
+            let d = Document::load_trusted(
+                s.genesis.clone(),
+                s.snapshot.as_deref(),
+                s.changes.clone(),
+                s.sigs.clone(),
+            )
+            .expect("own store loads");
             r.load(d);
         }
         self.nodes[i].replica = r;
@@ -229,7 +244,9 @@ impl SimNetwork {
         for o in outs {
             match o {
                 Output::Send { to, msg } => {
-                    let Some(j) = (0..self.nodes.len()).find(|j| self.id(*j) == to) else { continue };
+                    let Some(j) = (0..self.nodes.len()).find(|j| self.id(*j) == to) else {
+                        continue;
+                    };
                     self.sent_log.push((self.id(i), to, msg.doc));
                     if !self.linked(i, j) {
                         continue;
@@ -238,14 +255,28 @@ impl SimNetwork {
                         continue;
                     }
                     let bytes = Frame::Sync(vec![msg]).encode();
-                    let copies = if self.rng.random_bool(self.faults.duplicate) { 2 } else { 1 };
+                    let copies = if self.rng.random_bool(self.faults.duplicate) {
+                        2
+                    } else {
+                        1
+                    };
                     for _ in 0..copies {
                         let delay = self.rng.random_range(0..=self.faults.max_delay_ms.max(0));
                         self.seq += 1;
-                        self.queue.push(Reverse(InFlight { at: self.now_ms + delay, seq: self.seq, from: i, to: j, bytes: bytes.clone() }));
+                        self.queue.push(Reverse(InFlight {
+                            at: self.now_ms + delay,
+                            seq: self.seq,
+                            from: i,
+                            to: j,
+                            bytes: bytes.clone(),
+                        }));
                     }
                 }
-                Output::Persist { doc, genesis, accepted } => {
+                Output::Persist {
+                    doc,
+                    genesis,
+                    accepted,
+                } => {
                     let store = &mut self.nodes[i].store;
                     let entry = store.docs.entry(doc).or_insert_with(|| StoredDoc {
                         genesis: genesis.clone().expect("first persist carries the genesis"),
@@ -260,7 +291,9 @@ impl SimNetwork {
                     entry.changes.extend(accepted.changes);
                     entry.sigs.extend(accepted.sigs);
                 }
-                Output::Rejected { error, .. } => self.rejections.push((i, error.reason().to_string())),
+                Output::Rejected { error, .. } => {
+                    self.rejections.push((i, error.reason().to_string()))
+                }
                 Output::Updated { .. } => {}
             }
         }
@@ -268,7 +301,9 @@ impl SimNetwork {
 
     /// Delivers one message; returns false if none is in flight.
     pub fn step(&mut self) -> bool {
-        let Some(Reverse(m)) = self.queue.pop() else { return false };
+        let Some(Reverse(m)) = self.queue.pop() else {
+            return false;
+        };
         self.now_ms = self.now_ms.max(m.at);
         if !self.linked(m.from, m.to) {
             return true;
@@ -284,7 +319,16 @@ impl SimNetwork {
                         crate::wire::Payload::Changes(b) => format!("{} changes", b.changes.len()),
                         crate::wire::Payload::Snapshot { .. } => "snapshot".to_string(),
                     };
-                    eprintln!("t={} {}->{} doc={} clock={:?} g={} {}", self.now_ms, m.from, m.to, msg.doc, msg.clock.values().collect::<Vec<_>>(), msg.genesis.is_some(), kind);
+                    eprintln!(
+                        "t={} {}->{} doc={} clock={:?} g={} {}",
+                        self.now_ms,
+                        m.from,
+                        m.to,
+                        msg.doc,
+                        msg.clock.values().collect::<Vec<_>>(),
+                        msg.genesis.is_some(),
+                        kind
+                    );
                 }
                 let now = self.now_ms;
                 let outs = self.nodes[m.to].replica.receive(from, msg, now);
@@ -301,7 +345,11 @@ impl SimNetwork {
         loop {
             while self.step() {
                 steps += 1;
-                assert!(steps < max_steps, "no quiescence after {max_steps} steps (seed {})", self.seed);
+                assert!(
+                    steps < max_steps,
+                    "no quiescence after {max_steps} steps (seed {})",
+                    self.seed
+                );
             }
             self.now_ms += 100;
             let mut sent = false;
@@ -317,7 +365,11 @@ impl SimNetwork {
                 return;
             }
             steps += 1;
-            assert!(steps < max_steps, "no quiescence after {max_steps} steps (seed {})", self.seed);
+            assert!(
+                steps < max_steps,
+                "no quiescence after {max_steps} steps (seed {})",
+                self.seed
+            );
         }
     }
 }

@@ -172,7 +172,8 @@ fn max_merge(a: &mut Clock, b: &Clock) {
 }
 
 fn covers(have: &Clock, need: &Clock) -> bool {
-    need.iter().all(|(k, v)| have.get(k).copied().unwrap_or(0) >= *v)
+    need.iter()
+        .all(|(k, v)| have.get(k).copied().unwrap_or(0) >= *v)
 }
 
 impl Replica {
@@ -224,9 +225,19 @@ impl Replica {
         self.docs.insert(id, doc);
         // Peers certainly hold nothing of a new document: send it at once, no hello round trip.
         for p in self.connected.iter() {
-            self.sessions.insert((*p, id), Session { confirmed: Some(Clock::new()), ..Session::default() });
+            self.sessions.insert(
+                (*p, id),
+                Session {
+                    confirmed: Some(Clock::new()),
+                    ..Session::default()
+                },
+            );
         }
-        let mut out = vec![Output::Persist { doc: id, genesis: Some(genesis), accepted }];
+        let mut out = vec![Output::Persist {
+            doc: id,
+            genesis: Some(genesis),
+            accepted,
+        }];
         out.extend(self.offer(id));
         out
     }
@@ -248,7 +259,11 @@ impl Replica {
             return Ok((value, Vec::new()));
         }
         self.stats.changes_local += accepted.changes.len() as u64;
-        let mut out = vec![Output::Persist { doc: *id, genesis: None, accepted }];
+        let mut out = vec![Output::Persist {
+            doc: *id,
+            genesis: None,
+            accepted,
+        }];
         out.extend(self.offer(*id));
         Ok((value, out))
     }
@@ -256,7 +271,10 @@ impl Replica {
     /// Sends what connected peers lack of `id`, starting sessions where needed.
     fn offer(&mut self, id: DocId) -> Vec<Output> {
         let peers: Vec<EnterpriseId> = self.connected.iter().copied().collect();
-        peers.into_iter().filter_map(|p| self.message_for(p, id, false)).collect()
+        peers
+            .into_iter()
+            .filter_map(|p| self.message_for(p, id, false))
+            .collect()
     }
 
     /// A peer connected: start a session for every document it may hold.
@@ -266,7 +284,9 @@ impl Replica {
         }
         self.connected.insert(peer);
         let ids: Vec<DocId> = self.docs.keys().copied().collect();
-        ids.into_iter().filter_map(|d| self.message_for(peer, d, true)).collect()
+        ids.into_iter()
+            .filter_map(|d| self.message_for(peer, d, true))
+            .collect()
     }
 
     /// A peer disconnected: its sessions end (they restart on reconnect).
@@ -282,7 +302,14 @@ impl Replica {
         }
         Some(Output::Send {
             to: peer,
-            msg: SyncMessage { doc, genesis: None, clock: Clock::new(), heads: Vec::new(), payload: Payload::None, decline: false },
+            msg: SyncMessage {
+                doc,
+                genesis: None,
+                clock: Clock::new(),
+                heads: Vec::new(),
+                payload: Payload::None,
+                decline: false,
+            },
         })
     }
 
@@ -332,12 +359,24 @@ impl Replica {
             return None;
         }
         let send_genesis = session.confirmed.as_ref().is_none_or(|c| c.is_empty());
-        let genesis = send_genesis.then(|| (doc.signed_genesis().bytes().to_vec(), doc.signed_genesis().signature()));
+        let genesis = send_genesis.then(|| {
+            (
+                doc.signed_genesis().bytes().to_vec(),
+                doc.signed_genesis().signature(),
+            )
+        });
         self.stats.messages_sent += 1;
         session.sent_clock = Some(ours.clone());
         Some(Output::Send {
             to: peer,
-            msg: SyncMessage { doc: id, genesis, clock: ours, heads: doc.heads(), payload, decline: false },
+            msg: SyncMessage {
+                doc: id,
+                genesis,
+                clock: ours,
+                heads: doc.heads(),
+                payload,
+                decline: false,
+            },
         })
     }
 
@@ -348,7 +387,11 @@ impl Replica {
         let mut out = Vec::new();
         let reject = |s: &mut Stats, error: IngestError| {
             *s.rejected.entry(error.reason()).or_default() += 1;
-            Output::Rejected { from, doc: id, error }
+            Output::Rejected {
+                from,
+                doc: id,
+                error,
+            }
         };
         let mut new_genesis = None;
         if !self.docs.contains_key(&id) {
@@ -361,20 +404,39 @@ impl Replica {
                 if self.connected.contains(&from) {
                     out.push(Output::Send {
                         to: from,
-                        msg: SyncMessage { doc: id, genesis: None, clock: Clock::new(), heads: vec![], payload: Payload::None, decline: false },
+                        msg: SyncMessage {
+                            doc: id,
+                            genesis: None,
+                            clock: Clock::new(),
+                            heads: vec![],
+                            payload: Payload::None,
+                            decline: false,
+                        },
                     });
                 }
                 return out;
             };
             let sg = match SignedGenesis::from_parts(g, sig) {
                 Ok(sg) if sg.id() == id => sg,
-                Ok(_) => return vec![reject(&mut self.stats, IngestError::Genesis(GenesisError::WrongId))],
+                Ok(_) => {
+                    return vec![reject(
+                        &mut self.stats,
+                        IngestError::Genesis(GenesisError::WrongId),
+                    )]
+                }
                 Err(e) => return vec![reject(&mut self.stats, IngestError::Genesis(e))],
             };
             if !self.policy.accepts(sg.genesis().kind) {
                 return vec![Output::Send {
                     to: from,
-                    msg: SyncMessage { doc: id, genesis: None, clock: Clock::new(), heads: vec![], payload: Payload::None, decline: true },
+                    msg: SyncMessage {
+                        doc: id,
+                        genesis: None,
+                        clock: Clock::new(),
+                        heads: vec![],
+                        payload: Payload::None,
+                        decline: true,
+                    },
                 }];
             }
             new_genesis = Some(sg.clone());
@@ -443,11 +505,27 @@ impl Replica {
         }
         let ingested = !accepted.is_empty();
         if ingested {
-            self.stats.changes_applied += if accepted.snapshot.is_some() { doc.change_count() } else { accepted.changes.len() } as u64;
-            out.push(Output::Persist { doc: id, genesis: new_genesis.clone(), accepted });
-            out.push(Output::Updated { doc: id, kind: doc.genesis().kind, from });
+            self.stats.changes_applied += if accepted.snapshot.is_some() {
+                doc.change_count()
+            } else {
+                accepted.changes.len()
+            } as u64;
+            out.push(Output::Persist {
+                doc: id,
+                genesis: new_genesis.clone(),
+                accepted,
+            });
+            out.push(Output::Updated {
+                doc: id,
+                kind: doc.genesis().kind,
+                from,
+            });
         } else if let Some(g) = new_genesis.clone() {
-            out.push(Output::Persist { doc: id, genesis: Some(g), accepted: Accepted::default() });
+            out.push(Output::Persist {
+                doc: id,
+                genesis: Some(g),
+                accepted: Accepted::default(),
+            });
         }
         let ours = doc.clock();
         let session = self.sessions.get_mut(&(from, id)).expect("present");
@@ -466,7 +544,13 @@ impl Replica {
         // A message with the genesis means the peer does not know our clock (its session
         // restarted, or our last reply was lost): answer it, or it says hello forever.
         let peer_unsure = msg.genesis.is_some() && (!ours.is_empty() || first_contact);
-        let must_reply = we_lack || ingested || had_payload || new_genesis.is_some() || session.missing_deps > 0 || !they_know || peer_unsure;
+        let must_reply = we_lack
+            || ingested
+            || had_payload
+            || new_genesis.is_some()
+            || session.missing_deps > 0
+            || !they_know
+            || peer_unsure;
         if doc.is_empty() && (!doc.may_hold(&from) || !doc.may_hold(&self.me.id())) {
             if !must_reply {
                 return out;
@@ -475,23 +559,49 @@ impl Replica {
             // (our empty clock reveals nothing) so it sends the content.
             out.push(Output::Send {
                 to: from,
-                msg: SyncMessage { doc: id, genesis: None, clock: Clock::new(), heads: vec![], payload: Payload::None, decline: false },
+                msg: SyncMessage {
+                    doc: id,
+                    genesis: None,
+                    clock: Clock::new(),
+                    heads: vec![],
+                    payload: Payload::None,
+                    decline: false,
+                },
             });
             return out;
         }
         out.extend(self.message_for(from, id, must_reply));
         // Forward what we just gained to the other connected peers.
         if ingested {
-            let peers: Vec<EnterpriseId> = self.connected.iter().copied().filter(|p| *p != from).collect();
-            let small = self.docs.get(&id).is_some_and(|d| d.change_count() < SNAPSHOT_MIN_CHANGES);
+            let peers: Vec<EnterpriseId> = self
+                .connected
+                .iter()
+                .copied()
+                .filter(|p| *p != from)
+                .collect();
+            let small = self
+                .docs
+                .get(&id)
+                .is_some_and(|d| d.change_count() < SNAPSHOT_MIN_CHANGES);
             for p in peers {
                 if new_genesis.is_some() && small && !self.sessions.contains_key(&(p, id)) {
                     // A document new to us is most likely new to our other peers too: send it
                     // whole at once (as its creator does) instead of a hello round trip first.
                     // A peer that has it already just acknowledges.
-                    self.sessions.insert((p, id), Session { confirmed: Some(Clock::new()), ..Session::default() });
+                    self.sessions.insert(
+                        (p, id),
+                        Session {
+                            confirmed: Some(Clock::new()),
+                            ..Session::default()
+                        },
+                    );
                 }
-                if self.sessions.get(&(p, id)).is_some_and(|s| s.confirmed.is_some()) || !self.sessions.contains_key(&(p, id)) {
+                if self
+                    .sessions
+                    .get(&(p, id))
+                    .is_some_and(|s| s.confirmed.is_some())
+                    || !self.sessions.contains_key(&(p, id))
+                {
                     let hello = !self.sessions.contains_key(&(p, id));
                     out.extend(self.message_for(p, id, hello));
                 }
@@ -512,7 +622,9 @@ impl Replica {
                 let heads = self.docs[id].heads();
                 let needs = match self.sessions.get_mut(&(p, *id)) {
                     None => true,
-                    Some(s) if s.failed || s.declined || s.unanswered >= MAX_UNANSWERED_HELLOS => false,
+                    Some(s) if s.failed || s.declined || s.unanswered >= MAX_UNANSWERED_HELLOS => {
+                        false
+                    }
                     Some(s) => {
                         s.missing_deps = 0;
                         match &s.confirmed {
@@ -540,7 +652,9 @@ impl Replica {
 
     /// Per-peer sync state of a document.
     pub fn sync_state(&self, id: &DocId) -> Vec<PeerSyncState> {
-        let Some(doc) = self.docs.get(id) else { return Vec::new() };
+        let Some(doc) = self.docs.get(id) else {
+            return Vec::new();
+        };
         let ours = doc.clock();
         let heads = doc.heads();
         self.sessions

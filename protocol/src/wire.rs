@@ -218,7 +218,10 @@ impl Frame {
     /// Decodes a frame, checking the version, every length and the size limit.
     pub fn decode(bytes: &[u8]) -> Result<Frame, DecodeError> {
         if bytes.len() > MAX_FRAME_BYTES {
-            return Err(DecodeError::TooLarge { len: bytes.len(), max: MAX_FRAME_BYTES });
+            return Err(DecodeError::TooLarge {
+                len: bytes.len(),
+                max: MAX_FRAME_BYTES,
+            });
         }
         let mut r = Reader { b: bytes };
         let version = r.u8().map_err(|_| DecodeError::Empty)?;
@@ -229,7 +232,10 @@ impl Frame {
             T_SYNC => {
                 let n = r.count(16 + 1 + 1 + 1)?;
                 if n > MAX_MESSAGES_PER_FRAME {
-                    return Err(DecodeError::TooLarge { len: n, max: MAX_MESSAGES_PER_FRAME });
+                    return Err(DecodeError::TooLarge {
+                        len: n,
+                        max: MAX_MESSAGES_PER_FRAME,
+                    });
                 }
                 let mut msgs = Vec::with_capacity(n);
                 for _ in 0..n {
@@ -245,7 +251,12 @@ impl Frame {
                     let kind = Kind::from_tag(r.u8()?).ok_or(DecodeError::Invalid("kind"))?;
                     let owner = EnterpriseId(r.array()?);
                     let changes = r.varint()?;
-                    items.push(Announcement { doc, kind, owner, changes });
+                    items.push(Announcement {
+                        doc,
+                        kind,
+                        owner,
+                        changes,
+                    });
                 }
                 Frame::Announce(items)
             }
@@ -255,10 +266,16 @@ impl Frame {
                 if reason.len() > MAX_ALERT_REASON {
                     return Err(DecodeError::Invalid("alert reason too long"));
                 }
-                let reason = String::from_utf8(reason).map_err(|_| DecodeError::Invalid("alert reason"))?;
+                let reason =
+                    String::from_utf8(reason).map_err(|_| DecodeError::Invalid("alert reason"))?;
                 let evidence = r.array()?;
                 let at_ms = r.varint()? as i64;
-                Frame::Alert(Alert { offender, reason, evidence, at_ms })
+                Frame::Alert(Alert {
+                    offender,
+                    reason,
+                    evidence,
+                    at_ms,
+                })
             }
             t => return Err(DecodeError::UnknownType(t)),
         };
@@ -367,14 +384,27 @@ impl<'a> Reader<'a> {
             for _ in 0..n {
                 changes.push(self.bytes()?);
             }
-            Payload::Changes(ChangeBatch { changes, sigs: self.sigs()? })
+            Payload::Changes(ChangeBatch {
+                changes,
+                sigs: self.sigs()?,
+            })
         } else if flags & F_SNAPSHOT != 0 {
             let bytes = self.bytes()?;
-            Payload::Snapshot { bytes, sigs: self.sigs()? }
+            Payload::Snapshot {
+                bytes,
+                sigs: self.sigs()?,
+            }
         } else {
             Payload::None
         };
-        Ok(SyncMessage { doc, genesis, clock, heads, payload, decline: flags & F_DECLINE != 0 })
+        Ok(SyncMessage {
+            doc,
+            genesis,
+            clock,
+            heads,
+            payload,
+            decline: flags & F_DECLINE != 0,
+        })
     }
 }
 
@@ -386,28 +416,45 @@ mod tests {
     fn arb_msg() -> impl Strategy<Value = SyncMessage> {
         (
             any::<[u8; 16]>(),
-            proptest::option::of((proptest::collection::vec(any::<u8>(), 0..64), any::<[u8; 32]>())),
+            proptest::option::of((
+                proptest::collection::vec(any::<u8>(), 0..64),
+                any::<[u8; 32]>(),
+            )),
             proptest::collection::btree_map(any::<[u8; 32]>(), any::<u64>(), 0..4),
             proptest::collection::vec(any::<[u8; 32]>(), 0..3),
             prop_oneof![
                 Just(Payload::None),
-                (proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 0..4), proptest::collection::vec((any::<[u8; 32]>(), any::<[u8; 32]>()), 0..3))
+                (
+                    proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 0..4),
+                    proptest::collection::vec((any::<[u8; 32]>(), any::<[u8; 32]>()), 0..3)
+                )
                     .prop_map(|(changes, sigs)| Payload::Changes(ChangeBatch {
                         changes,
-                        sigs: sigs.into_iter().map(|(h, s)| (ChangeHash(h), [s, s].concat().try_into().unwrap())).collect()
+                        sigs: sigs
+                            .into_iter()
+                            .map(|(h, s)| (ChangeHash(h), [s, s].concat().try_into().unwrap()))
+                            .collect()
                     })),
-                proptest::collection::vec(any::<u8>(), 0..80).prop_map(|bytes| Payload::Snapshot { bytes, sigs: vec![] }),
+                proptest::collection::vec(any::<u8>(), 0..80).prop_map(|bytes| Payload::Snapshot {
+                    bytes,
+                    sigs: vec![]
+                }),
             ],
             any::<bool>(),
         )
-            .prop_map(|(doc, genesis, clock, heads, payload, decline)| SyncMessage {
-                doc: DocId(doc),
-                genesis: genesis.map(|(g, s)| (g, [s, s].concat().try_into().unwrap())),
-                clock: clock.into_iter().map(|(k, v)| (EnterpriseId(k), v)).collect(),
-                heads: heads.into_iter().map(ChangeHash).collect(),
-                payload,
-                decline,
-            })
+            .prop_map(
+                |(doc, genesis, clock, heads, payload, decline)| SyncMessage {
+                    doc: DocId(doc),
+                    genesis: genesis.map(|(g, s)| (g, [s, s].concat().try_into().unwrap())),
+                    clock: clock
+                        .into_iter()
+                        .map(|(k, v)| (EnterpriseId(k), v))
+                        .collect(),
+                    heads: heads.into_iter().map(ChangeHash).collect(),
+                    payload,
+                    decline,
+                },
+            )
     }
 
     proptest! {
@@ -438,24 +485,49 @@ mod tests {
 
     #[test]
     fn alert_round_trips_and_refuses_long_reasons() {
-        let a = Alert { offender: EnterpriseId([7; 32]), reason: "bad_signature".into(), evidence: [1; 32], at_ms: 1_700_000_000_000 };
+        let a = Alert {
+            offender: EnterpriseId([7; 32]),
+            reason: "bad_signature".into(),
+            evidence: [1; 32],
+            at_ms: 1_700_000_000_000,
+        };
         let f = Frame::Alert(a);
         assert_eq!(Frame::decode(&f.encode()).unwrap(), f);
-        let long = Frame::Alert(Alert { offender: EnterpriseId([7; 32]), reason: "x".repeat(MAX_ALERT_REASON + 1), evidence: [1; 32], at_ms: 0 });
-        assert_eq!(Frame::decode(&long.encode()), Err(DecodeError::Invalid("alert reason too long")));
+        let long = Frame::Alert(Alert {
+            offender: EnterpriseId([7; 32]),
+            reason: "x".repeat(MAX_ALERT_REASON + 1),
+            evidence: [1; 32],
+            at_ms: 0,
+        });
+        assert_eq!(
+            Frame::decode(&long.encode()),
+            Err(DecodeError::Invalid("alert reason too long"))
+        );
     }
 
     #[test]
     fn typed_errors() {
         assert_eq!(Frame::decode(&[]), Err(DecodeError::Empty));
-        assert_eq!(Frame::decode(&[9, 1, 0]), Err(DecodeError::UnknownVersion(9)));
-        assert_eq!(Frame::decode(&[WIRE_VERSION, 77]), Err(DecodeError::UnknownType(77)));
-        assert_eq!(Frame::decode(&[WIRE_VERSION, T_SYNC, 5]), Err(DecodeError::Truncated));
+        assert_eq!(
+            Frame::decode(&[9, 1, 0]),
+            Err(DecodeError::UnknownVersion(9))
+        );
+        assert_eq!(
+            Frame::decode(&[WIRE_VERSION, 77]),
+            Err(DecodeError::UnknownType(77))
+        );
+        assert_eq!(
+            Frame::decode(&[WIRE_VERSION, T_SYNC, 5]),
+            Err(DecodeError::Truncated)
+        );
         let mut ok = Frame::Sync(vec![]).encode();
         ok.push(0);
         assert_eq!(Frame::decode(&ok), Err(DecodeError::Trailing));
         let big = vec![0u8; MAX_FRAME_BYTES + 1];
-        assert!(matches!(Frame::decode(&big), Err(DecodeError::TooLarge { .. })));
+        assert!(matches!(
+            Frame::decode(&big),
+            Err(DecodeError::TooLarge { .. })
+        ));
         // a huge declared count is refused before any allocation
         let mut huge = vec![WIRE_VERSION, T_SYNC];
         put_varint(&mut huge, u64::MAX / 2);

@@ -9,7 +9,9 @@
 
 use std::collections::BTreeMap;
 
-use cofab_protocol::model::{self, BidInput, CapacityInput, DesignInput, OrderInput, ProgressInput, Splice};
+use cofab_protocol::model::{
+    self, BidInput, CapacityInput, DesignInput, OrderInput, ProgressInput, Splice,
+};
 use cofab_protocol::rules::STATUSES;
 use cofab_protocol::sim::{Faults, SimNetwork};
 use cofab_protocol::sync::ReplicaError;
@@ -34,17 +36,28 @@ fn seeds() -> Vec<u64> {
     if let Ok(s) = std::env::var("COFAB_SIM_SEED") {
         return vec![s.trim().parse().expect("COFAB_SIM_SEED is a u64")];
     }
-    let n = std::env::var("COFAB_SIM_SEEDS").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(DEFAULT_SEEDS);
+    let n = std::env::var("COFAB_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(DEFAULT_SEEDS);
     (0..n).collect()
 }
 
-fn order_input(rng: &mut StdRng, visibility: Visibility, members: BTreeMap<EnterpriseId, Role>) -> OrderInput {
+fn order_input(
+    rng: &mut StdRng,
+    visibility: Visibility,
+    members: BTreeMap<EnterpriseId, Role>,
+) -> OrderInput {
     OrderInput {
         title: format!("Part {}", rng.random_range(0..1000)),
         quantity: rng.random_range(1..=1000),
         material: Some("AL6061-T6".into()),
         processes: vec!["cnc-milling".into()],
-        status: if rng.random_bool(0.2) { Some("draft".into()) } else { None },
+        status: if rng.random_bool(0.2) {
+            Some("draft".into())
+        } else {
+            None
+        },
         visibility,
         members,
         ..Default::default()
@@ -58,7 +71,9 @@ fn capacity_input(rng: &mut StdRng) -> CapacityInput {
         machines: vec![model::Machine {
             name: "5-axis cell".into(),
             process: "cnc-milling".into(),
-            free_hours: [("2027-W09".to_string(), rng.random_range(0..=168))].into_iter().collect(),
+            free_hours: [("2027-W09".to_string(), rng.random_range(0..=168))]
+                .into_iter()
+                .collect(),
         }],
         lead_time_days: Some(rng.random_range(1..60)),
         load_pct: Some(rng.random_range(0..=100)),
@@ -67,7 +82,12 @@ fn capacity_input(rng: &mut StdRng) -> CapacityInput {
 }
 
 /// Picks a random subset of the other nodes with roles from `roles`.
-fn random_members(rng: &mut StdRng, ids: &[EnterpriseId], owner: usize, roles: &[Role]) -> BTreeMap<EnterpriseId, Role> {
+fn random_members(
+    rng: &mut StdRng,
+    ids: &[EnterpriseId],
+    owner: usize,
+    roles: &[Role],
+) -> BTreeMap<EnterpriseId, Role> {
     let mut m = BTreeMap::new();
     for (i, id) in ids.iter().enumerate() {
         if i != owner && rng.random_bool(0.5) {
@@ -87,7 +107,9 @@ struct Run {
 
 impl Run {
     fn up_nodes(&self) -> Vec<usize> {
-        (0..self.net.nodes.len()).filter(|i| self.net.nodes[*i].up).collect()
+        (0..self.net.nodes.len())
+            .filter(|i| self.net.nodes[*i].up)
+            .collect()
     }
 
     fn pick<T: Copy>(&mut self, items: &[T]) -> Option<T> {
@@ -95,7 +117,16 @@ impl Run {
     }
 
     /// Runs a typed edit on node `n`'s copy of `id`; a local refusal is counted, not failed.
-    fn edit(&mut self, n: usize, id: DocId, f: impl FnOnce(&mut Document, &cofab_protocol::Keypair, i64) -> Result<cofab_protocol::Accepted, cofab_protocol::EditError>) {
+    fn edit(
+        &mut self,
+        n: usize,
+        id: DocId,
+        f: impl FnOnce(
+            &mut Document,
+            &cofab_protocol::Keypair,
+            i64,
+        ) -> Result<cofab_protocol::Accepted, cofab_protocol::EditError>,
+    ) {
         let seed = self.net.seed;
         let res = self.net.act(n, |r, now| match r.edit(&id, now, f) {
             Ok((_, outs)) => (Ok(()), outs),
@@ -113,11 +144,20 @@ impl Run {
         let Some(n) = self.pick(&up) else { return };
         let nonce: u64 = self.rng.random();
         let kind = [Kind::Order, Kind::Capacity, Kind::Design][self.rng.random_range(0..3)];
-        let visibility = if self.rng.random_bool(0.5) { Visibility::Public } else { Visibility::Members };
+        let visibility = if self.rng.random_bool(0.5) {
+            Visibility::Public
+        } else {
+            Visibility::Members
+        };
         let ids = self.ids.clone();
         let (doc, acc) = match kind {
             Kind::Order => {
-                let members = random_members(&mut self.rng, &ids, n, &[Role::Supplier, Role::Supplier, Role::Viewer]);
+                let members = random_members(
+                    &mut self.rng,
+                    &ids,
+                    n,
+                    &[Role::Supplier, Role::Supplier, Role::Viewer],
+                );
                 let input = order_input(&mut self.rng, visibility, members);
                 let now = self.net.now_ms;
                 model::create_order(self.net.nodes[n].replica.keypair(), &input, now, nonce)
@@ -128,8 +168,18 @@ impl Run {
                 model::create_capacity(self.net.nodes[n].replica.keypair(), &input, now, nonce)
             }
             Kind::Design => {
-                let members = random_members(&mut self.rng, &ids, n, &[Role::Editor, Role::Approver, Role::Viewer]);
-                let input = DesignInput { title: "Housing".into(), description: "abc".into(), visibility, members };
+                let members = random_members(
+                    &mut self.rng,
+                    &ids,
+                    n,
+                    &[Role::Editor, Role::Approver, Role::Viewer],
+                );
+                let input = DesignInput {
+                    title: "Housing".into(),
+                    description: "abc".into(),
+                    visibility,
+                    members,
+                };
                 let now = self.net.now_ms;
                 model::create_design(self.net.nodes[n].replica.keypair(), &input, now, nonce)
             }
@@ -144,8 +194,14 @@ impl Run {
     /// A random typed edit by a random up node that holds a random document.
     fn random_edit(&mut self) {
         let docs = self.docs.clone();
-        let Some((id, kind, owner)) = self.pick(&docs) else { return };
-        let holders: Vec<usize> = self.up_nodes().into_iter().filter(|i| self.net.nodes[*i].replica.doc(&id).is_some()).collect();
+        let Some((id, kind, owner)) = self.pick(&docs) else {
+            return;
+        };
+        let holders: Vec<usize> = self
+            .up_nodes()
+            .into_iter()
+            .filter(|i| self.net.nodes[*i].replica.doc(&id).is_some())
+            .collect();
         let Some(n) = self.pick(&holders) else { return };
         let r = self.rng.random_range(0..100u32);
         let other = self.ids[self.rng.random_range(0..self.ids.len())];
@@ -171,7 +227,10 @@ impl Run {
                     let mut awards = BTreeMap::new();
                     for b in bidders {
                         if self.rng.random_bool(0.6) {
-                            awards.insert(b.parse::<EnterpriseId>().unwrap(), self.rng.random_range(1..500u64));
+                            awards.insert(
+                                b.parse::<EnterpriseId>().unwrap(),
+                                self.rng.random_range(1..500u64),
+                            );
                         }
                     }
                     self.edit(n, id, |d, kp, now| model::award(d, kp, now, &awards));
@@ -183,8 +242,14 @@ impl Run {
                 60..=74 => {
                     let p = ProgressInput {
                         produced: Some(self.rng.random_range(0..500)),
-                        scrapped: self.rng.random_bool(0.3).then(|| self.rng.random_range(0..10)),
-                        milestone: self.rng.random_bool(0.5).then(|| "first article".to_string()),
+                        scrapped: self
+                            .rng
+                            .random_bool(0.3)
+                            .then(|| self.rng.random_range(0..10)),
+                        milestone: self
+                            .rng
+                            .random_bool(0.5)
+                            .then(|| "first article".to_string()),
                         machine_status: Some("running".into()),
                         ..Default::default()
                     };
@@ -198,21 +263,42 @@ impl Run {
             },
             Kind::Capacity => {
                 let input = capacity_input(&mut self.rng);
-                self.edit(n, id, |d, kp, now| model::update_capacity(d, kp, now, &input));
+                self.edit(n, id, |d, kp, now| {
+                    model::update_capacity(d, kp, now, &input)
+                });
             }
             Kind::Design => match r {
                 0..=44 => {
-                    let len = self.net.nodes[n].replica.doc(&id).and_then(model::design_view).map(|v| v.description.chars().count()).unwrap_or(0);
+                    let len = self.net.nodes[n]
+                        .replica
+                        .doc(&id)
+                        .and_then(model::design_view)
+                        .map(|v| v.description.chars().count())
+                        .unwrap_or(0);
                     let pos = self.rng.random_range(0..=len);
-                    let delete = if pos < len && self.rng.random_bool(0.3) { self.rng.random_range(0..=(len - pos).min(3)) } else { 0 };
-                    let insert: String = (0..self.rng.random_range(0..4)).map(|_| self.rng.random_range(b'a'..=b'z') as char).collect();
-                    let s = Splice { pos, delete, insert };
-                    self.edit(n, id, |d, kp, now| model::splice_description(d, kp, now, &s));
+                    let delete = if pos < len && self.rng.random_bool(0.3) {
+                        self.rng.random_range(0..=(len - pos).min(3))
+                    } else {
+                        0
+                    };
+                    let insert: String = (0..self.rng.random_range(0..4))
+                        .map(|_| self.rng.random_range(b'a'..=b'z') as char)
+                        .collect();
+                    let s = Splice {
+                        pos,
+                        delete,
+                        insert,
+                    };
+                    self.edit(n, id, |d, kp, now| {
+                        model::splice_description(d, kp, now, &s)
+                    });
                 }
                 45..=59 => {
                     let name = ["length", "width", "wall"][self.rng.random_range(0..3)];
                     let value = self.rng.random_range(1..1000) as f64 / 4.0;
-                    self.edit(n, id, |d, kp, now| model::set_parameter(d, kp, now, name, value, "mm"));
+                    self.edit(n, id, |d, kp, now| {
+                        model::set_parameter(d, kp, now, name, value, "mm")
+                    });
                 }
                 60..=74 => {
                     let text = format!("comment {}", self.rng.random_range(0..1000));
@@ -222,18 +308,39 @@ impl Run {
                     let name = format!("rev-{}", self.rng.random_range(0..10));
                     self.edit(n, id, |d, kp, now| model::release(d, kp, now, &name));
                 }
-                _ => self.membership_edit(n, id, owner, other, &[Role::Editor, Role::Approver, Role::Viewer]),
+                _ => self.membership_edit(
+                    n,
+                    id,
+                    owner,
+                    other,
+                    &[Role::Editor, Role::Approver, Role::Viewer],
+                ),
             },
         }
     }
 
-    fn membership_edit(&mut self, n: usize, id: DocId, owner: usize, who: EnterpriseId, roles: &[Role]) {
+    fn membership_edit(
+        &mut self,
+        n: usize,
+        id: DocId,
+        owner: usize,
+        who: EnterpriseId,
+        roles: &[Role],
+    ) {
         // Mostly by the owner; sometimes by someone else (refused locally).
-        let n = if self.rng.random_bool(0.8) && self.net.nodes[owner].up { owner } else { n };
+        let n = if self.rng.random_bool(0.8) && self.net.nodes[owner].up {
+            owner
+        } else {
+            n
+        };
         if who == self.ids[owner] {
             return;
         }
-        let role = if self.rng.random_bool(0.4) { None } else { Some(roles[self.rng.random_range(0..roles.len())]) };
+        let role = if self.rng.random_bool(0.4) {
+            None
+        } else {
+            Some(roles[self.rng.random_range(0..roles.len())])
+        };
         self.edit(n, id, |d, kp, now| model::set_member(d, kp, now, who, role));
     }
 
@@ -271,7 +378,13 @@ fn run_seed(seed: u64) -> Tally {
         net.add_node();
     }
     let ids = (0..n).map(|i| net.id(i)).collect();
-    let mut run = Run { net, rng, ids, docs: Vec::new(), tally: Tally::default() };
+    let mut run = Run {
+        net,
+        rng,
+        ids,
+        docs: Vec::new(),
+        tally: Tally::default(),
+    };
     let initial = run.rng.random_range(1..=3);
     for _ in 0..initial {
         run.create();
@@ -312,8 +425,13 @@ fn run_seed(seed: u64) -> Tally {
         }
     }
     let net = &mut run.net;
-    if let Err(e) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| net.run_until_quiescent(MAX_STEPS))) {
-        eprintln!("seed {seed}: rejections seen: {:?}", &net.rejections[..net.rejections.len().min(20)]);
+    if let Err(e) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        net.run_until_quiescent(MAX_STEPS)
+    })) {
+        eprintln!(
+            "seed {seed}: rejections seen: {:?}",
+            &net.rejections[..net.rejections.len().min(20)]
+        );
         dump(net, &run.docs);
         std::panic::resume_unwind(e);
     }
@@ -325,14 +443,34 @@ fn run_seed(seed: u64) -> Tally {
 fn dump(net: &SimNetwork, docs: &[(DocId, Kind, usize)]) {
     for &(id, kind, owner) in docs {
         let reference = net.nodes[owner].replica.doc(&id);
-        eprintln!("doc {id} {kind:?} owner {owner} vis {:?}", reference.map(|d| d.genesis().visibility));
+        eprintln!(
+            "doc {id} {kind:?} owner {owner} vis {:?}",
+            reference.map(|d| d.genesis().visibility)
+        );
         for (i, node) in net.nodes.iter().enumerate() {
             let may = reference.map(|d| d.may_hold(&net.id(i)));
             let held = node.replica.doc(&id);
             let sessions: Vec<String> = (0..net.nodes.len())
-                .filter_map(|j| node.replica.session(&net.id(j), &id).map(|s| format!("{j}:{}{}{}", if s.failed { "F" } else { "" }, if s.declined { "D" } else { "" }, s.confirmed.as_ref().map(|c| format!("{:?}", c.values().collect::<Vec<_>>())).unwrap_or("?".into()))))
+                .filter_map(|j| {
+                    node.replica.session(&net.id(j), &id).map(|s| {
+                        format!(
+                            "{j}:{}{}{}",
+                            if s.failed { "F" } else { "" },
+                            if s.declined { "D" } else { "" },
+                            s.confirmed
+                                .as_ref()
+                                .map(|c| format!("{:?}", c.values().collect::<Vec<_>>()))
+                                .unwrap_or("?".into())
+                        )
+                    })
+                })
                 .collect();
-            eprintln!("  node {i} up {} may {may:?} holds {:?} roleview {:?} sessions {sessions:?}", node.up, held.map(|d| d.clock().values().copied().collect::<Vec<_>>()), held.map(|d| d.may_hold(&net.id(i))));
+            eprintln!(
+                "  node {i} up {} may {may:?} holds {:?} roleview {:?} sessions {sessions:?}",
+                node.up,
+                held.map(|d| d.clock().values().copied().collect::<Vec<_>>()),
+                held.map(|d| d.may_hold(&net.id(i)))
+            );
         }
     }
 }
@@ -342,7 +480,10 @@ fn dump(net: &SimNetwork, docs: &[(DocId, Kind, usize)]) {
 fn check_converged(net: &SimNetwork, docs: &[(DocId, Kind, usize)]) {
     let seed = net.seed;
     for &(id, kind, owner) in docs {
-        let reference = net.nodes[owner].replica.doc(&id).unwrap_or_else(|| panic!("seed {seed}: owner {owner} lost {id}"));
+        let reference = net.nodes[owner]
+            .replica
+            .doc(&id)
+            .unwrap_or_else(|| panic!("seed {seed}: owner {owner} lost {id}"));
         let ref_heads = reference.heads();
         for (i, node) in net.nodes.iter().enumerate() {
             let may_hold = reference.may_hold(&net.id(i));
@@ -353,12 +494,32 @@ fn check_converged(net: &SimNetwork, docs: &[(DocId, Kind, usize)]) {
                     reference.genesis().visibility
                 ),
                 (true, Some(d)) => {
-                    assert_eq!(d.heads(), ref_heads, "seed {seed}: node {i} heads differ from owner {owner} for {kind:?} {id}");
-                    assert_eq!(d.clock(), reference.clock(), "seed {seed}: node {i} clock differs for {id}");
+                    assert_eq!(
+                        d.heads(),
+                        ref_heads,
+                        "seed {seed}: node {i} heads differ from owner {owner} for {kind:?} {id}"
+                    );
+                    assert_eq!(
+                        d.clock(),
+                        reference.clock(),
+                        "seed {seed}: node {i} clock differs for {id}"
+                    );
                     match kind {
-                        Kind::Order => assert_eq!(model::order_view(d), model::order_view(reference), "seed {seed}: order view differs at node {i}"),
-                        Kind::Capacity => assert_eq!(model::capacity_view(d), model::capacity_view(reference), "seed {seed}: capacity view differs at node {i}"),
-                        Kind::Design => assert_eq!(model::design_view(d), model::design_view(reference), "seed {seed}: design view differs at node {i}"),
+                        Kind::Order => assert_eq!(
+                            model::order_view(d),
+                            model::order_view(reference),
+                            "seed {seed}: order view differs at node {i}"
+                        ),
+                        Kind::Capacity => assert_eq!(
+                            model::capacity_view(d),
+                            model::capacity_view(reference),
+                            "seed {seed}: capacity view differs at node {i}"
+                        ),
+                        Kind::Design => assert_eq!(
+                            model::design_view(d),
+                            model::design_view(reference),
+                            "seed {seed}: design view differs at node {i}"
+                        ),
                     }
                 }
                 // A member removed while partitioned may keep a stale copy: nobody sends it more.
@@ -387,6 +548,9 @@ fn random_concurrent_edits_converge_after_faults_heal() {
     eprintln!("convergence: {total:?}");
     // The generator must exercise both accepted and locally refused edits.
     if seeds().len() >= 50 {
-        assert!(total.edits_ok > 0 && total.edits_refused > 0, "generator degenerate: {total:?}");
+        assert!(
+            total.edits_ok > 0 && total.edits_refused > 0,
+            "generator degenerate: {total:?}"
+        );
     }
 }

@@ -13,7 +13,9 @@ use cofab_protocol::error::{DecodeError, IngestError, Rule, RuleViolation};
 use cofab_protocol::model::{self, BidInput, OrderInput};
 use cofab_protocol::sync::Output;
 use cofab_protocol::wire::{Frame, Payload, SyncMessage, MAX_FRAME_BYTES, WIRE_VERSION};
-use cofab_protocol::{ChangeBatch, Clock, DocId, Document, EnterpriseId, Keypair, Replica, Role, Visibility};
+use cofab_protocol::{
+    ChangeBatch, Clock, DocId, Document, EnterpriseId, Keypair, Replica, Role, Visibility,
+};
 
 const NOW: i64 = 1_700_000_000_000;
 
@@ -34,22 +36,50 @@ struct World {
 fn world(visibility: Visibility) -> World {
     let (buyer, s1, s2, receiver) = (kp(1), kp(2), kp(3), kp(4));
     let members: BTreeMap<EnterpriseId, Role> = if visibility == Visibility::Members {
-        [(s1.id(), Role::Supplier), (s2.id(), Role::Supplier), (receiver.id(), Role::Viewer)].into_iter().collect()
+        [
+            (s1.id(), Role::Supplier),
+            (s2.id(), Role::Supplier),
+            (receiver.id(), Role::Viewer),
+        ]
+        .into_iter()
+        .collect()
     } else {
         BTreeMap::new()
     };
-    let input = OrderInput { title: "Shaft".into(), quantity: 100, visibility, members, ..Default::default() };
+    let input = OrderInput {
+        title: "Shaft".into(),
+        quantity: 100,
+        visibility,
+        members,
+        ..Default::default()
+    };
     let (mut order, _) = model::create_order(&buyer, &input, NOW, 1).unwrap();
     for (s, p) in [(&s1, 5.0), (&s2, 6.0)] {
-        let bid = BidInput { unit_price: p, currency: "EUR".into(), lead_time_days: 10, ..Default::default() };
+        let bid = BidInput {
+            unit_price: p,
+            currency: "EUR".into(),
+            lead_time_days: 10,
+            ..Default::default()
+        };
         model::place_bid(&mut order, s, NOW, &bid).unwrap();
     }
-    World { buyer, s1, s2, receiver, order }
+    World {
+        buyer,
+        s1,
+        s2,
+        receiver,
+        order,
+    }
 }
 
 /// Builds a change as `actor` on top of everything `base` holds, with `message` as the
 /// change message (an honest change carries its document id).
-fn craft(base: &Document, actor: ActorId, message: &str, f: impl FnOnce(&mut Transaction<'_>)) -> Change {
+fn craft(
+    base: &Document,
+    actor: ActorId,
+    message: &str,
+    f: impl FnOnce(&mut Transaction<'_>),
+) -> Change {
     let mut am = Automerge::new();
     am.apply_changes(base.automerge().get_changes(&[])).unwrap();
     am.set_actor(actor);
@@ -70,7 +100,10 @@ fn map(tx: &Transaction<'_>, obj: &ObjId, key: &str) -> ObjId {
 /// A batch with the change signed by `signer` for document `doc`.
 fn signed(change: &Change, signer: &Keypair, doc: &DocId) -> ChangeBatch {
     let sig = signer.sign_change(doc, &change.hash());
-    ChangeBatch { changes: vec![change.raw_bytes().to_vec()], sigs: vec![(change.hash(), sig.to_bytes())] }
+    ChangeBatch {
+        changes: vec![change.raw_bytes().to_vec()],
+        sigs: vec![(change.hash(), sig.to_bytes())],
+    }
 }
 
 /// A receiver replica holding `doc`, connected to `peer`.
@@ -82,34 +115,68 @@ fn receiver_with(me: &Keypair, doc: &Document, peer: &Keypair) -> Replica {
 }
 
 fn changes_msg(doc: DocId, batch: ChangeBatch) -> SyncMessage {
-    SyncMessage { doc, genesis: None, clock: Clock::new(), heads: vec![], payload: Payload::Changes(batch), decline: false }
+    SyncMessage {
+        doc,
+        genesis: None,
+        clock: Clock::new(),
+        heads: vec![],
+        payload: Payload::Changes(batch),
+        decline: false,
+    }
 }
 
 /// Feeds `batch` from `from` to `rx`, asserts the rejection left everything as it was
 /// and ended the session, and returns the error.
 fn rejected(rx: &mut Replica, from: &Keypair, doc: DocId, batch: ChangeBatch) -> IngestError {
-    let before = rx.doc(&doc).map(|d| (d.heads(), d.clock(), d.change_count()));
+    let before = rx
+        .doc(&doc)
+        .map(|d| (d.heads(), d.clock(), d.change_count()));
     let outs = rx.receive(from.id(), changes_msg(doc, batch), NOW);
-    let after = rx.doc(&doc).map(|d| (d.heads(), d.clock(), d.change_count()));
-    assert_eq!(before, after, "a refused batch changed the receiver's document");
+    let after = rx
+        .doc(&doc)
+        .map(|d| (d.heads(), d.clock(), d.change_count()));
+    assert_eq!(
+        before, after,
+        "a refused batch changed the receiver's document"
+    );
     assert!(
-        !outs.iter().any(|o| matches!(o, Output::Persist { .. } | Output::Updated { .. })),
+        !outs
+            .iter()
+            .any(|o| matches!(o, Output::Persist { .. } | Output::Updated { .. })),
         "a refused batch was persisted: {outs:?}"
     );
     let errors: Vec<&IngestError> = outs
         .iter()
         .filter_map(|o| match o {
-            Output::Rejected { from: f, doc: d, error } if *f == from.id() && *d == doc => Some(error),
+            Output::Rejected {
+                from: f,
+                doc: d,
+                error,
+            } if *f == from.id() && *d == doc => Some(error),
             _ => None,
         })
         .collect();
-    assert_eq!(errors.len(), 1, "expected one Rejected output, got {outs:?}");
+    assert_eq!(
+        errors.len(),
+        1,
+        "expected one Rejected output, got {outs:?}"
+    );
     let error = errors[0].clone();
     if error.is_hostile() && error != IngestError::NotAllowed {
-        assert!(rx.session(&from.id(), &doc).is_some_and(|s| s.failed), "session with the hostile peer not marked failed");
+        assert!(
+            rx.session(&from.id(), &doc).is_some_and(|s| s.failed),
+            "session with the hostile peer not marked failed"
+        );
         assert_eq!(rx.stats.rejected.get(error.reason()), Some(&1));
         // Further messages from that peer about that document are ignored.
-        let again = rx.receive(from.id(), SyncMessage { payload: Payload::None, ..changes_msg(doc, ChangeBatch::default()) }, NOW);
+        let again = rx.receive(
+            from.id(),
+            SyncMessage {
+                payload: Payload::None,
+                ..changes_msg(doc, ChangeBatch::default())
+            },
+            NOW,
+        );
         assert!(again.is_empty(), "failed session still answered: {again:?}");
     }
     error
@@ -130,18 +197,26 @@ fn forged_signature_is_refused() {
     let hostile = kp(9);
     let c = craft(&w.order, hostile.id().actor(), &id.to_string(), |tx| {
         let bids = map(tx, &ROOT, "bids");
-        let b = tx.put_object(&bids, hostile.id().to_string(), automerge::ObjType::Map).unwrap();
+        let b = tx
+            .put_object(&bids, hostile.id().to_string(), automerge::ObjType::Map)
+            .unwrap();
         tx.put(&b, "unit_price", 1.0).unwrap();
     });
     // signed by someone else's key
     let mut rx = receiver_with(&w.receiver, &w.order, &hostile);
     let err = rejected(&mut rx, &hostile, id, signed(&c, &w.s1, &id));
-    assert!(matches!(&err, IngestError::BadSignature { author, hash } if *author == hostile.id() && *hash == c.hash().to_string()), "{err:?}");
+    assert!(
+        matches!(&err, IngestError::BadSignature { author, hash } if *author == hostile.id() && *hash == c.hash().to_string()),
+        "{err:?}"
+    );
     // and a correct signature with one bit flipped
     let mut batch = signed(&c, &hostile, &id);
     batch.sigs[0].1[7] ^= 1;
     let mut rx = receiver_with(&w.receiver, &w.order, &hostile);
-    assert!(matches!(rejected(&mut rx, &hostile, id, batch), IngestError::BadSignature { .. }));
+    assert!(matches!(
+        rejected(&mut rx, &hostile, id, batch),
+        IngestError::BadSignature { .. }
+    ));
 }
 
 /// A change whose actor id is not a 32-byte enterprise key is refused as unbound.
@@ -172,9 +247,15 @@ fn missing_signature_is_refused() {
         tx.put(&m, "text", "unsigned").unwrap();
     });
     let mut rx = receiver_with(&w.receiver, &w.order, &hostile);
-    let batch = ChangeBatch { changes: vec![c.raw_bytes().to_vec()], sigs: vec![] };
+    let batch = ChangeBatch {
+        changes: vec![c.raw_bytes().to_vec()],
+        sigs: vec![],
+    };
     let err = rejected(&mut rx, &hostile, id, batch);
-    assert!(matches!(&err, IngestError::Unsigned { author, .. } if *author == hostile.id()), "{err:?}");
+    assert!(
+        matches!(&err, IngestError::Unsigned { author, .. } if *author == hostile.id()),
+        "{err:?}"
+    );
 }
 
 /// A properly signed change by an enterprise that is not a member of a `members`
@@ -197,7 +278,10 @@ fn change_by_non_member_of_members_document_is_refused() {
     assert_eq!((doc.heads(), doc.clock()), (heads, clock));
     // Through a replica the outsider is refused before its batch is even read.
     let mut rx = receiver_with(&w.receiver, &w.order, &outsider);
-    assert_eq!(rejected(&mut rx, &outsider, id, signed(&c, &outsider, &id)), IngestError::NotAllowed);
+    assert_eq!(
+        rejected(&mut rx, &outsider, id, signed(&c, &outsider, &id)),
+        IngestError::NotAllowed
+    );
 }
 
 /// A supplier writing into another supplier's bid is refused (OwnBidOnly).
@@ -226,7 +310,13 @@ fn status_skipping_a_step_is_refused() {
     });
     let mut rx = receiver_with(&w.receiver, &w.order, &w.buyer);
     let err = rejected(&mut rx, &w.buyer, id, signed(&c, &w.buyer, &id));
-    assert_eq!(*rule_of(&err), Rule::StatusTransition { from: "open".into(), to: "shipped".into() });
+    assert_eq!(
+        *rule_of(&err),
+        Rule::StatusTransition {
+            from: "open".into(),
+            to: "shipped".into()
+        }
+    );
 }
 
 /// A member that is not the owner changing membership is refused.
@@ -248,16 +338,33 @@ fn membership_change_by_non_owner_is_refused() {
 #[test]
 fn change_replayed_from_another_document_is_refused() {
     let w = world(Visibility::Public);
-    let input = OrderInput { title: "Other".into(), quantity: 5, ..Default::default() };
+    let input = OrderInput {
+        title: "Other".into(),
+        quantity: 5,
+        ..Default::default()
+    };
     let (mut other_order, _) = model::create_order(&w.buyer, &input, NOW, 2).unwrap();
     assert_ne!(other_order.id(), w.order.id());
-    let bid = BidInput { unit_price: 1.0, currency: "EUR".into(), lead_time_days: 3, ..Default::default() };
+    let bid = BidInput {
+        unit_price: 1.0,
+        currency: "EUR".into(),
+        lead_time_days: 3,
+        ..Default::default()
+    };
     let acc = model::place_bid(&mut other_order, &w.s1, NOW, &bid).unwrap();
-    let batch = ChangeBatch { changes: acc.changes.clone(), sigs: acc.sigs.clone() };
+    let batch = ChangeBatch {
+        changes: acc.changes.clone(),
+        sigs: acc.sigs.clone(),
+    };
     let hash = acc.sigs[0].0;
     let mut rx = receiver_with(&w.receiver, &w.order, &w.s1);
     let err = rejected(&mut rx, &w.s1, w.order.id(), batch);
-    assert_eq!(err, IngestError::WrongDocument { hash: hash.to_string() });
+    assert_eq!(
+        err,
+        IngestError::WrongDocument {
+            hash: hash.to_string()
+        }
+    );
 }
 
 /// A change whose sequence number jumps ahead although the receiver holds all its
@@ -276,10 +383,20 @@ fn forged_sequence_gap_is_refused() {
     assert_eq!(expanded.seq, 1);
     expanded.seq = 3;
     let forged = Change::from(expanded);
-    assert!(forged.deps().iter().all(|d| w.order.automerge().get_change_by_hash(d).is_some()));
+    assert!(forged
+        .deps()
+        .iter()
+        .all(|d| w.order.automerge().get_change_by_hash(d).is_some()));
     let mut rx = receiver_with(&w.receiver, &w.order, &hostile);
     let err = rejected(&mut rx, &hostile, id, signed(&forged, &hostile, &id));
-    assert_eq!(err, IngestError::SeqGap { author: hostile.id(), have: 0, got: 3 });
+    assert_eq!(
+        err,
+        IngestError::SeqGap {
+            author: hostile.id(),
+            have: 0,
+            got: 3
+        }
+    );
 }
 
 /// An honest change that overtook its author's previous change (reordering or loss)
@@ -294,16 +411,44 @@ fn change_overtaking_its_predecessor_is_a_resync_not_an_attack() {
     let second = model::comment(&mut sender, &w.s1, NOW, "two").unwrap();
     let mut rx = receiver_with(&w.receiver, &w.order, &w.s1);
     let before = rx.doc(&id).unwrap().heads();
-    let outs = rx.receive(w.s1.id(), changes_msg(id, ChangeBatch { changes: second.changes.clone(), sigs: second.sigs.clone() }), NOW);
-    assert!(!outs.iter().any(|o| matches!(o, Output::Rejected { .. } | Output::Persist { .. })), "{outs:?}");
+    let outs = rx.receive(
+        w.s1.id(),
+        changes_msg(
+            id,
+            ChangeBatch {
+                changes: second.changes.clone(),
+                sigs: second.sigs.clone(),
+            },
+        ),
+        NOW,
+    );
+    assert!(
+        !outs
+            .iter()
+            .any(|o| matches!(o, Output::Rejected { .. } | Output::Persist { .. })),
+        "{outs:?}"
+    );
     assert_eq!(rx.doc(&id).unwrap().heads(), before);
     assert!(!rx.session(&w.s1.id(), &id).unwrap().failed);
     let mut both = first.changes.clone();
     both.extend(second.changes.clone());
     let mut sigs = first.sigs.clone();
     sigs.extend(second.sigs.clone());
-    let outs = rx.receive(w.s1.id(), changes_msg(id, ChangeBatch { changes: both, sigs }), NOW);
-    assert!(outs.iter().any(|o| matches!(o, Output::Persist { .. })), "{outs:?}");
+    let outs = rx.receive(
+        w.s1.id(),
+        changes_msg(
+            id,
+            ChangeBatch {
+                changes: both,
+                sigs,
+            },
+        ),
+        NOW,
+    );
+    assert!(
+        outs.iter().any(|o| matches!(o, Output::Persist { .. })),
+        "{outs:?}"
+    );
     assert_eq!(rx.doc(&id).unwrap().heads(), sender.heads());
 }
 
@@ -311,7 +456,13 @@ fn change_overtaking_its_predecessor_is_a_resync_not_an_attack() {
 #[test]
 fn oversized_frame_is_refused() {
     let big = vec![WIRE_VERSION; MAX_FRAME_BYTES + 1];
-    assert_eq!(Frame::decode(&big), Err(DecodeError::TooLarge { len: MAX_FRAME_BYTES + 1, max: MAX_FRAME_BYTES }));
+    assert_eq!(
+        Frame::decode(&big),
+        Err(DecodeError::TooLarge {
+            len: MAX_FRAME_BYTES + 1,
+            max: MAX_FRAME_BYTES
+        })
+    );
 }
 
 /// Every strict prefix of a valid frame is refused as truncated (or empty).
@@ -321,7 +472,10 @@ fn truncated_frames_are_refused() {
     let (bytes, sigs) = w.order.snapshot();
     let msg = SyncMessage {
         doc: w.order.id(),
-        genesis: Some((w.order.signed_genesis().bytes().to_vec(), w.order.signed_genesis().signature())),
+        genesis: Some((
+            w.order.signed_genesis().bytes().to_vec(),
+            w.order.signed_genesis().signature(),
+        )),
         clock: w.order.clock(),
         heads: w.order.heads(),
         payload: Payload::Snapshot { bytes, sigs },
@@ -331,20 +485,33 @@ fn truncated_frames_are_refused() {
     assert!(Frame::decode(&frame).is_ok());
     assert_eq!(Frame::decode(&frame[..0]), Err(DecodeError::Empty));
     for n in 1..frame.len() {
-        assert_eq!(Frame::decode(&frame[..n]), Err(DecodeError::Truncated), "prefix of {n} bytes");
+        assert_eq!(
+            Frame::decode(&frame[..n]),
+            Err(DecodeError::Truncated),
+            "prefix of {n} bytes"
+        );
     }
 }
 
 /// Bytes that are not a cofab frame get a typed error, never a panic.
 #[test]
 fn garbage_frames_are_refused() {
-    assert_eq!(Frame::decode(b"GET / HTTP/1.1\r\n\r\n"), Err(DecodeError::UnknownVersion(b'G')));
-    assert_eq!(Frame::decode(&[WIRE_VERSION, 0xee]), Err(DecodeError::UnknownType(0xee)));
+    assert_eq!(
+        Frame::decode(b"GET / HTTP/1.1\r\n\r\n"),
+        Err(DecodeError::UnknownVersion(b'G'))
+    );
+    assert_eq!(
+        Frame::decode(&[WIRE_VERSION, 0xee]),
+        Err(DecodeError::UnknownType(0xee))
+    );
     // a sync message with undefined flag bits
     let mut bad_flags = vec![WIRE_VERSION, 1, 1];
     bad_flags.extend_from_slice(&[0u8; 16]);
     bad_flags.extend_from_slice(&[0x80, 0, 0]);
-    assert_eq!(Frame::decode(&bad_flags), Err(DecodeError::Invalid("flags")));
+    assert_eq!(
+        Frame::decode(&bad_flags),
+        Err(DecodeError::Invalid("flags"))
+    );
     // a declared length far beyond the bytes present
     let mut lying = vec![WIRE_VERSION, 1, 1];
     lying.extend_from_slice(&[0u8; 16]);
@@ -370,5 +537,8 @@ fn garbage_frames_are_refused() {
 fn unknown_wire_version_is_refused() {
     let mut f = Frame::Sync(vec![]).encode();
     f[0] = WIRE_VERSION + 1;
-    assert_eq!(Frame::decode(&f), Err(DecodeError::UnknownVersion(WIRE_VERSION + 1)));
+    assert_eq!(
+        Frame::decode(&f),
+        Err(DecodeError::UnknownVersion(WIRE_VERSION + 1))
+    );
 }

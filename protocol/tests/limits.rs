@@ -10,7 +10,12 @@ fn msg(snapshot: Option<usize>) -> SyncMessage {
         genesis: None,
         clock: Clock::new(),
         heads: vec![],
-        payload: snapshot.map(|n| Payload::Snapshot { bytes: vec![7; n], sigs: vec![] }).unwrap_or_default(),
+        payload: snapshot
+            .map(|n| Payload::Snapshot {
+                bytes: vec![7; n],
+                sigs: vec![],
+            })
+            .unwrap_or_default(),
         decline: false,
     }
 }
@@ -30,7 +35,13 @@ fn frame_size_limit_edge() {
     assert!(Frame::decode(&exact).is_ok());
     let over = Frame::Sync(vec![msg(Some(n + 1))]).encode();
     assert_eq!(over.len(), MAX_FRAME_BYTES + 1);
-    assert_eq!(Frame::decode(&over), Err(DecodeError::TooLarge { len: MAX_FRAME_BYTES + 1, max: MAX_FRAME_BYTES }));
+    assert_eq!(
+        Frame::decode(&over),
+        Err(DecodeError::TooLarge {
+            len: MAX_FRAME_BYTES + 1,
+            max: MAX_FRAME_BYTES
+        })
+    );
 }
 
 /// The most sync messages a frame may carry decode; one more is `TooLarge`.
@@ -44,6 +55,9 @@ fn messages_per_frame_limit_edge() {
     let over = Frame::Sync(vec![msg(None); MAX_MESSAGES_PER_FRAME + 1]).encode();
     assert_eq!(
         Frame::decode(&over),
-        Err(DecodeError::TooLarge { len: MAX_MESSAGES_PER_FRAME + 1, max: MAX_MESSAGES_PER_FRAME })
+        Err(DecodeError::TooLarge {
+            len: MAX_MESSAGES_PER_FRAME + 1,
+            max: MAX_MESSAGES_PER_FRAME
+        })
     );
 }

@@ -16,12 +16,27 @@ const SEEDS: u64 = 40;
 const MAX_STEPS: usize = 200_000;
 
 fn faults() -> Faults {
-    Faults { drop: 0.1, duplicate: 0.1, max_delay_ms: 20 }
+    Faults {
+        drop: 0.1,
+        duplicate: 0.1,
+        max_delay_ms: 20,
+    }
 }
 
-fn create_order(net: &mut SimNetwork, owner: usize, members: &[(usize, Role)], visibility: Visibility) -> DocId {
+fn create_order(
+    net: &mut SimNetwork,
+    owner: usize,
+    members: &[(usize, Role)],
+    visibility: Visibility,
+) -> DocId {
     let members = members.iter().map(|(i, r)| (net.id(*i), *r)).collect();
-    let input = OrderInput { title: "Gearbox housing".into(), quantity: 40, visibility, members, ..Default::default() };
+    let input = OrderInput {
+        title: "Gearbox housing".into(),
+        quantity: 40,
+        visibility,
+        members,
+        ..Default::default()
+    };
     let nonce = net.random();
     net.act(owner, |r, now| {
         let (doc, acc) = model::create_order(r.keypair(), &input, now, nonce).unwrap();
@@ -29,9 +44,19 @@ fn create_order(net: &mut SimNetwork, owner: usize, members: &[(usize, Role)], v
     })
 }
 
-fn create_design(net: &mut SimNetwork, owner: usize, members: &[(usize, Role)], visibility: Visibility) -> DocId {
+fn create_design(
+    net: &mut SimNetwork,
+    owner: usize,
+    members: &[(usize, Role)],
+    visibility: Visibility,
+) -> DocId {
     let members = members.iter().map(|(i, r)| (net.id(*i), *r)).collect();
-    let input = DesignInput { title: "Bracket".into(), description: "draft".into(), visibility, members };
+    let input = DesignInput {
+        title: "Bracket".into(),
+        description: "draft".into(),
+        visibility,
+        members,
+    };
     let nonce = net.random();
     net.act(owner, |r, now| {
         let (doc, acc) = model::create_design(r.keypair(), &input, now, nonce).unwrap();
@@ -48,15 +73,30 @@ fn poke(net: &mut SimNetwork, n: usize, id: DocId) {
     net.act(n, |r, now| {
         let res = match (r.doc(&id).unwrap().genesis().kind, k) {
             (cofab_protocol::Kind::Order, 0) => {
-                let bid = BidInput { unit_price: 3.0, currency: "EUR".into(), lead_time_days: 9, ..Default::default() };
+                let bid = BidInput {
+                    unit_price: 3.0,
+                    currency: "EUR".into(),
+                    lead_time_days: 9,
+                    ..Default::default()
+                };
                 r.edit(&id, now, |d, kp, now| model::place_bid(d, kp, now, &bid))
             }
             (cofab_protocol::Kind::Design, 0) => {
-                let s = Splice { pos: 0, delete: 0, insert: "x".into() };
-                r.edit(&id, now, |d, kp, now| model::splice_description(d, kp, now, &s))
+                let s = Splice {
+                    pos: 0,
+                    delete: 0,
+                    insert: "x".into(),
+                };
+                r.edit(&id, now, |d, kp, now| {
+                    model::splice_description(d, kp, now, &s)
+                })
             }
-            (cofab_protocol::Kind::Design, 1) => r.edit(&id, now, |d, kp, now| model::set_parameter(d, kp, now, "wall", 2.5, "mm")),
-            _ => r.edit(&id, now, |d, kp, now| model::comment(d, kp, now, "looks good")),
+            (cofab_protocol::Kind::Design, 1) => r.edit(&id, now, |d, kp, now| {
+                model::set_parameter(d, kp, now, "wall", 2.5, "mm")
+            }),
+            _ => r.edit(&id, now, |d, kp, now| {
+                model::comment(d, kp, now, "looks good")
+            }),
         };
         ((), res.map(|(_, o)| o).unwrap_or_default())
     });
@@ -64,7 +104,13 @@ fn poke(net: &mut SimNetwork, n: usize, id: DocId) {
 
 /// Enterprises the owner's copy lists as members now (owner included).
 fn members_now(net: &SimNetwork, owner: usize, id: DocId) -> BTreeSet<EnterpriseId> {
-    net.nodes[owner].replica.doc(&id).unwrap().members().into_keys().collect()
+    net.nodes[owner]
+        .replica
+        .doc(&id)
+        .unwrap()
+        .members()
+        .into_keys()
+        .collect()
 }
 
 /// With partitions, crashes and faulty links, every sync message about a members-only
@@ -79,8 +125,18 @@ fn members_documents_are_never_sent_to_non_members() {
             net.add_node();
         }
         // nodes 0..=2 and a late addition (3) are members; 4 and 5 never are.
-        let order = create_order(&mut net, 0, &[(1, Role::Supplier), (2, Role::Viewer)], Visibility::Members);
-        let design = create_design(&mut net, 1, &[(0, Role::Editor), (2, Role::Approver)], Visibility::Members);
+        let order = create_order(
+            &mut net,
+            0,
+            &[(1, Role::Supplier), (2, Role::Viewer)],
+            Visibility::Members,
+        );
+        let design = create_design(
+            &mut net,
+            1,
+            &[(0, Role::Editor), (2, Role::Approver)],
+            Visibility::Members,
+        );
         let public = create_order(&mut net, 5, &[], Visibility::Public);
         for step in 0..30 {
             let who = net.rng().random_range(0..n);
@@ -108,7 +164,9 @@ fn members_documents_are_never_sent_to_non_members() {
                 for (owner, id, role) in [(0, order, Role::Supplier), (1, design, Role::Editor)] {
                     if net.nodes[owner].up {
                         net.act(owner, |r, now| {
-                            let res = r.edit(&id, now, |d, kp, now| model::set_member(d, kp, now, who, Some(role)));
+                            let res = r.edit(&id, now, |d, kp, now| {
+                                model::set_member(d, kp, now, who, Some(role))
+                            });
                             ((), res.map(|(_, o)| o).unwrap_or_default())
                         });
                     }
@@ -129,7 +187,10 @@ fn members_documents_are_never_sent_to_non_members() {
             let members = members_now(&net, owner, id);
             for (from, to, doc) in &net.sent_log {
                 if *doc == id {
-                    assert!(members.contains(to), "seed {seed}: {from:?} sent {id} to non-member {to:?}");
+                    assert!(
+                        members.contains(to),
+                        "seed {seed}: {from:?} sent {id} to non-member {to:?}"
+                    );
                 }
             }
             for i in 0..n {
@@ -137,16 +198,26 @@ fn members_documents_are_never_sent_to_non_members() {
                 let held = net.nodes[i].replica.doc(&id);
                 if members.contains(&me) {
                     let h = held.unwrap_or_else(|| panic!("seed {seed}: member {i} lacks {id}"));
-                    assert_eq!(h.heads(), net.nodes[owner].replica.doc(&id).unwrap().heads(), "seed {seed}: member {i}");
+                    assert_eq!(
+                        h.heads(),
+                        net.nodes[owner].replica.doc(&id).unwrap().heads(),
+                        "seed {seed}: member {i}"
+                    );
                 } else {
                     assert!(held.is_none(), "seed {seed}: non-member {i} holds {id}");
-                    assert!(!net.nodes[i].store.docs.contains_key(&id), "seed {seed}: non-member {i} stored {id}");
+                    assert!(
+                        !net.nodes[i].store.docs.contains_key(&id),
+                        "seed {seed}: non-member {i} stored {id}"
+                    );
                 }
             }
         }
         // The public order reached everyone (so the checks above are not vacuous).
         for i in 0..n {
-            assert!(net.nodes[i].replica.doc(&public).is_some(), "seed {seed}: node {i} lacks the public order");
+            assert!(
+                net.nodes[i].replica.doc(&public).is_some(),
+                "seed {seed}: node {i} lacks the public order"
+            );
         }
         if members_now(&net, 0, order).contains(&net.id(3)) {
             late_added += 1;
@@ -168,8 +239,23 @@ fn removed_member_receives_nothing_more() {
             net.add_node();
         }
         let removed = 4;
-        let design = create_design(&mut net, 0, &[(1, Role::Editor), (2, Role::Approver), (3, Role::Viewer), (removed, Role::Editor)], Visibility::Members);
-        let order = create_order(&mut net, 0, &[(1, Role::Supplier), (removed, Role::Supplier)], Visibility::Members);
+        let design = create_design(
+            &mut net,
+            0,
+            &[
+                (1, Role::Editor),
+                (2, Role::Approver),
+                (3, Role::Viewer),
+                (removed, Role::Editor),
+            ],
+            Visibility::Members,
+        );
+        let order = create_order(
+            &mut net,
+            0,
+            &[(1, Role::Supplier), (removed, Role::Supplier)],
+            Visibility::Members,
+        );
         for _ in 0..5 {
             let who = net.rng().random_range(0..n);
             poke(&mut net, who, design);
@@ -184,7 +270,11 @@ fn removed_member_receives_nothing_more() {
         let rid = net.id(removed);
         for id in [design, order] {
             net.act(0, |r, now| {
-                let (_, o) = r.edit(&id, now, |d, kp, now| model::set_member(d, kp, now, rid, None)).unwrap();
+                let (_, o) = r
+                    .edit(&id, now, |d, kp, now| {
+                        model::set_member(d, kp, now, rid, None)
+                    })
+                    .unwrap();
                 ((), o)
             });
         }
@@ -194,7 +284,11 @@ fn removed_member_receives_nothing_more() {
         net.run_until_quiescent(MAX_STEPS);
         net.heal();
         net.run_until_quiescent(MAX_STEPS);
-        let stale_clock = net.nodes[removed].replica.doc(&design).map(|d| d.clock()).unwrap_or_default();
+        let stale_clock = net.nodes[removed]
+            .replica
+            .doc(&design)
+            .map(|d| d.clock())
+            .unwrap_or_default();
         let mark = net.sent_log.len();
         for _ in 0..10 {
             let who = net.rng().random_range(0..removed);
@@ -215,7 +309,11 @@ fn removed_member_receives_nothing_more() {
             assert!(!members_now(&net, 0, id).contains(&rid), "seed {seed}");
         }
         let owner_heads = net.nodes[0].replica.doc(&design).unwrap().heads();
-        let now_clock = net.nodes[removed].replica.doc(&design).map(|d| d.clock()).unwrap_or_default();
+        let now_clock = net.nodes[removed]
+            .replica
+            .doc(&design)
+            .map(|d| d.clock())
+            .unwrap_or_default();
         for (author, seq) in &now_clock {
             if *author != rid {
                 assert!(
@@ -225,7 +323,11 @@ fn removed_member_receives_nothing_more() {
             }
         }
         for i in 1..removed {
-            assert_eq!(net.nodes[i].replica.doc(&design).unwrap().heads(), owner_heads, "seed {seed}: member {i}");
+            assert_eq!(
+                net.nodes[i].replica.doc(&design).unwrap().heads(),
+                owner_heads,
+                "seed {seed}: member {i}"
+            );
         }
     }
 }

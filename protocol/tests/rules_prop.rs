@@ -8,7 +8,9 @@
 use std::collections::BTreeMap;
 
 use cofab_protocol::document::Clock;
-use cofab_protocol::model::{self, BidInput, CapacityInput, DesignInput, OrderInput, ProgressInput, Splice};
+use cofab_protocol::model::{
+    self, BidInput, CapacityInput, DesignInput, OrderInput, ProgressInput, Splice,
+};
 use cofab_protocol::rules::{status_transition_ok, STATUSES};
 use cofab_protocol::{ChangeBatch, DocId, Document, EnterpriseId, Keypair, Kind, Role, Visibility};
 use proptest::prelude::*;
@@ -33,15 +35,31 @@ fn new_doc(kind: Kind, visibility: Visibility, ks: &[Keypair], nonce: u64) -> Do
     };
     match kind {
         Kind::Order => {
-            let input = OrderInput { title: "Flange".into(), quantity: 100, visibility, members, ..Default::default() };
+            let input = OrderInput {
+                title: "Flange".into(),
+                quantity: 100,
+                visibility,
+                members,
+                ..Default::default()
+            };
             model::create_order(&ks[0], &input, NOW, nonce).unwrap().0
         }
         Kind::Capacity => {
-            let input = CapacityInput { name: "Shop".into(), ..Default::default() };
-            model::create_capacity(&ks[0], &input, NOW, nonce).unwrap().0
+            let input = CapacityInput {
+                name: "Shop".into(),
+                ..Default::default()
+            };
+            model::create_capacity(&ks[0], &input, NOW, nonce)
+                .unwrap()
+                .0
         }
         Kind::Design => {
-            let input = DesignInput { title: "Clip".into(), description: "hello".into(), visibility, members };
+            let input = DesignInput {
+                title: "Clip".into(),
+                description: "hello".into(),
+                visibility,
+                members,
+            };
             model::create_design(&ks[0], &input, NOW, nonce).unwrap().0
         }
     }
@@ -53,36 +71,77 @@ fn apply(doc: &mut Document, ks: &[Keypair], who: usize, action: u8, x: u16) -> 
     let now = NOW + x as i64;
     let res = match (doc.genesis().kind, action % 8) {
         (Kind::Order, 0) => {
-            let bid = BidInput { unit_price: x as f64 / 8.0, currency: "EUR".into(), lead_time_days: 5, ..Default::default() };
+            let bid = BidInput {
+                unit_price: x as f64 / 8.0,
+                currency: "EUR".into(),
+                lead_time_days: 5,
+                ..Default::default()
+            };
             model::place_bid(doc, kp, now, &bid)
         }
         (Kind::Order, 1) => {
-            let bidders: Vec<EnterpriseId> =
-                model::order_view(doc).map(|v| v.bids.keys().map(|k| k.parse().unwrap()).collect()).unwrap_or_default();
-            let awards = bidders.into_iter().take(1 + x as usize % 2).map(|b| (b, 1 + x as u64 % 50)).collect();
+            let bidders: Vec<EnterpriseId> = model::order_view(doc)
+                .map(|v| v.bids.keys().map(|k| k.parse().unwrap()).collect())
+                .unwrap_or_default();
+            let awards = bidders
+                .into_iter()
+                .take(1 + x as usize % 2)
+                .map(|b| (b, 1 + x as u64 % 50))
+                .collect();
             model::award(doc, kp, now, &awards)
         }
         (Kind::Order, 2) => model::set_status(doc, kp, now, STATUSES[x as usize % STATUSES.len()]),
         (Kind::Order, 3) => {
-            let p = ProgressInput { produced: Some(x as u64), milestone: Some("m".into()), ..Default::default() };
+            let p = ProgressInput {
+                produced: Some(x as u64),
+                milestone: Some("m".into()),
+                ..Default::default()
+            };
             model::report_progress(doc, kp, now, &p)
         }
         (Kind::Order | Kind::Design, 4) => model::comment(doc, kp, now, "ok"),
         (Kind::Order | Kind::Design, 5) => {
             let who = ks[x as usize % ks.len()].id();
-            let role = [None, Some(Role::Supplier), Some(Role::Viewer), Some(Role::Editor), Some(Role::Approver)][x as usize % 5];
+            let role = [
+                None,
+                Some(Role::Supplier),
+                Some(Role::Viewer),
+                Some(Role::Editor),
+                Some(Role::Approver),
+            ][x as usize % 5];
             model::set_member(doc, kp, now, who, role)
         }
         (Kind::Design, 0 | 1) => {
-            let len = model::design_view(doc).map(|v| v.description.chars().count()).unwrap_or(0);
+            let len = model::design_view(doc)
+                .map(|v| v.description.chars().count())
+                .unwrap_or(0);
             let pos = x as usize % (len + 1);
-            let delete = if action % 2 == 1 { (len - pos).min(2) } else { 0 };
-            model::splice_description(doc, kp, now, &Splice { pos, delete, insert: "ab".into() })
+            let delete = if action % 2 == 1 {
+                (len - pos).min(2)
+            } else {
+                0
+            };
+            model::splice_description(
+                doc,
+                kp,
+                now,
+                &Splice {
+                    pos,
+                    delete,
+                    insert: "ab".into(),
+                },
+            )
         }
-        (Kind::Design, 2) => model::set_parameter(doc, kp, now, ["a", "b"][x as usize % 2], x as f64, "mm"),
+        (Kind::Design, 2) => {
+            model::set_parameter(doc, kp, now, ["a", "b"][x as usize % 2], x as f64, "mm")
+        }
         (Kind::Design, 3) => model::release(doc, kp, now, "rev"),
         (Kind::Capacity, _) => {
-            let input = CapacityInput { name: format!("Shop {x}"), lead_time_days: Some(x as u32 % 90), ..Default::default() };
+            let input = CapacityInput {
+                name: format!("Shop {x}"),
+                lead_time_days: Some(x as u32 % 90),
+                ..Default::default()
+            };
             model::update_capacity(doc, kp, now, &input)
         }
         _ => model::comment(doc, kp, now, "note"),
@@ -94,14 +153,31 @@ fn apply(doc: &mut Document, ks: &[Keypair], who: usize, action: u8, x: u16) -> 
 /// Everything `doc` holds, as a peer would receive it from scratch.
 fn everything(doc: &Document) -> ChangeBatch {
     ChangeBatch {
-        changes: doc.automerge().get_changes(&[]).iter().map(|c| c.raw_bytes().to_vec()).collect(),
+        changes: doc
+            .automerge()
+            .get_changes(&[])
+            .iter()
+            .map(|c| c.raw_bytes().to_vec())
+            .collect(),
         sigs: doc.signatures().map(|(h, s)| (*h, *s)).collect(),
     }
 }
 
 fn arb_kind() -> impl Strategy<Value = (Kind, Visibility)> {
-    (prop_oneof![Just(Kind::Order), Just(Kind::Capacity), Just(Kind::Design)], any::<bool>())
-        .prop_map(|(k, members)| (k, if members && k != Kind::Capacity { Visibility::Members } else { Visibility::Public }))
+    (
+        prop_oneof![Just(Kind::Order), Just(Kind::Capacity), Just(Kind::Design)],
+        any::<bool>(),
+    )
+        .prop_map(|(k, members)| {
+            (
+                k,
+                if members && k != Kind::Capacity {
+                    Visibility::Members
+                } else {
+                    Visibility::Public
+                },
+            )
+        })
 }
 
 proptest! {

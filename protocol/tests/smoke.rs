@@ -29,35 +29,66 @@ fn order_bid_award_progress_flow() {
     });
     net.run_until_quiescent(10_000);
     for n in [s1, s2] {
-        let v = model::order_view(net.nodes[n].replica.doc(&id).expect("order reached supplier")).unwrap();
+        let v = model::order_view(
+            net.nodes[n]
+                .replica
+                .doc(&id)
+                .expect("order reached supplier"),
+        )
+        .unwrap();
         assert_eq!(v.title, "Bracket, anodised aluminium");
         assert_eq!(v.status, "open");
     }
     for (n, price) in [(s1, 4.2), (s2, 3.9)] {
         net.act(n, |r, now| {
-            let bid = BidInput { unit_price: price, currency: "EUR".into(), lead_time_days: 20, ..Default::default() };
-            r.edit(&id, now, |d, kp, now| model::place_bid(d, kp, now, &bid)).unwrap()
+            let bid = BidInput {
+                unit_price: price,
+                currency: "EUR".into(),
+                lead_time_days: 20,
+                ..Default::default()
+            };
+            r.edit(&id, now, |d, kp, now| model::place_bid(d, kp, now, &bid))
+                .unwrap()
         });
     }
     net.run_until_quiescent(10_000);
     let s2id = net.id(s2);
     net.act(buyer, |r, now| {
         let awards = [(s2id, 500u64)].into_iter().collect();
-        r.edit(&id, now, |d, kp, now| model::award(d, kp, now, &awards)).unwrap()
+        r.edit(&id, now, |d, kp, now| model::award(d, kp, now, &awards))
+            .unwrap()
     });
     net.run_until_quiescent(10_000);
     // s1 was not awarded: its progress report is refused locally
     let err = net.act(s1, |r, now| {
-        let p = model::ProgressInput { produced: Some(10), ..Default::default() };
-        (r.edit(&id, now, |d, kp, now| model::report_progress(d, kp, now, &p)).unwrap_err(), vec![])
+        let p = model::ProgressInput {
+            produced: Some(10),
+            ..Default::default()
+        };
+        (
+            r.edit(&id, now, |d, kp, now| {
+                model::report_progress(d, kp, now, &p)
+            })
+            .unwrap_err(),
+            vec![],
+        )
     });
     assert!(err.to_string().contains("awarded"), "{err}");
     net.act(s2, |r, now| {
-        let p = model::ProgressInput { produced: Some(120), milestone: Some("first article approved".into()), ..Default::default() };
-        r.edit(&id, now, |d, kp, now| model::report_progress(d, kp, now, &p)).unwrap()
+        let p = model::ProgressInput {
+            produced: Some(120),
+            milestone: Some("first article approved".into()),
+            ..Default::default()
+        };
+        r.edit(&id, now, |d, kp, now| {
+            model::report_progress(d, kp, now, &p)
+        })
+        .unwrap()
     });
     net.run_until_quiescent(10_000);
-    let views: Vec<_> = (0..3).map(|n| model::order_view(net.nodes[n].replica.doc(&id).unwrap()).unwrap()).collect();
+    let views: Vec<_> = (0..3)
+        .map(|n| model::order_view(net.nodes[n].replica.doc(&id).unwrap()).unwrap())
+        .collect();
     assert_eq!(views[0], views[1]);
     assert_eq!(views[0], views[2]);
     assert_eq!(views[0].status, "awarded");
@@ -73,14 +104,30 @@ fn large_design_syncs_by_snapshot_and_restart_keeps_it() {
     let b = net.add_node();
     net.crash(b);
     let id = net.act(a, |r, now| {
-        let (doc, acc) = model::create_design(r.keypair(), &model::DesignInput { title: "Housing".into(), ..Default::default() }, now, 1).unwrap();
+        let (doc, acc) = model::create_design(
+            r.keypair(),
+            &model::DesignInput {
+                title: "Housing".into(),
+                ..Default::default()
+            },
+            now,
+            1,
+        )
+        .unwrap();
         let id = doc.id();
         (id, r.create(doc, acc))
     });
     for i in 0..3000 {
         net.act(a, |r, now| {
-            let s = model::Splice { pos: i, delete: 0, insert: "x".into() };
-            r.edit(&id, now, |d, kp, now| model::splice_description(d, kp, now, &s)).unwrap()
+            let s = model::Splice {
+                pos: i,
+                delete: 0,
+                insert: "x".into(),
+            };
+            r.edit(&id, now, |d, kp, now| {
+                model::splice_description(d, kp, now, &s)
+            })
+            .unwrap()
         });
     }
     net.restart(b);

@@ -47,16 +47,30 @@ pub async fn start(test: &str, i: usize) -> TestNode {
     let dir = tempfile::tempdir().expect("tempdir");
     let key = test_key(test, i);
     let name = format!("node{i}");
-    let node = Node::start(config(key.clone(), &name, dir.path())).await.expect("node starts");
-    TestNode { node, dir, key, name }
+    let node = Node::start(config(key.clone(), &name, dir.path()))
+        .await
+        .expect("node starts");
+    TestNode {
+        node,
+        dir,
+        key,
+        name,
+    }
 }
 
 /// Restarts a node from its folder (after `shutdown`).
 pub async fn restart(old: TestNode) -> TestNode {
     old.node.handle.shutdown().await;
     let _ = old.node.task.await;
-    let node = Node::start(config(old.key.clone(), &old.name, old.dir.path())).await.expect("node restarts");
-    TestNode { node, dir: old.dir, key: old.key, name: old.name }
+    let node = Node::start(config(old.key.clone(), &old.name, old.dir.path()))
+        .await
+        .expect("node restarts");
+    TestNode {
+        node,
+        dir: old.dir,
+        key: old.key,
+        name: old.name,
+    }
 }
 
 /// Starts `n` nodes and connects every pair.
@@ -84,7 +98,10 @@ pub async fn connect(a: &TestNode, b: &TestNode) {
 
 /// Waits until `n` peers are connected.
 pub async fn wait_peers(node: &TestNode, n: usize) {
-    wait_until(DEADLINE, || async { node.handle().read(|c| c.peers.len()).await.unwrap() >= n }).await;
+    wait_until(DEADLINE, || async {
+        node.handle().read(|c| c.peers.len()).await.unwrap() >= n
+    })
+    .await;
 }
 
 /// Polls `f` until it returns true or the deadline passes (then panics).
@@ -98,7 +115,10 @@ where
         if f().await {
             return;
         }
-        assert!(start.elapsed() < deadline, "condition not met within {deadline:?}");
+        assert!(
+            start.elapsed() < deadline,
+            "condition not met within {deadline:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -106,7 +126,12 @@ where
 /// Heads of a document on a node (empty if absent).
 pub async fn heads(node: &TestNode, doc: DocId) -> Vec<String> {
     node.handle()
-        .read(move |c| c.replica.doc(&doc).map(|d| d.heads().iter().map(|h| h.to_string()).collect()).unwrap_or_default())
+        .read(move |c| {
+            c.replica
+                .doc(&doc)
+                .map(|d| d.heads().iter().map(|h| h.to_string()).collect())
+                .unwrap_or_default()
+        })
         .await
         .unwrap()
 }

@@ -11,7 +11,11 @@ use cofab_protocol::sync::FetchPolicy;
 use serde_json::{json, Value};
 
 #[derive(Parser)]
-#[command(name = "cofab", version, about = "cofab: peer-to-peer manufacturing collaboration")]
+#[command(
+    name = "cofab",
+    version,
+    about = "cofab: peer-to-peer manufacturing collaboration"
+)]
 struct Cli {
     /// URL of a running node's API (default: from --data-dir's config).
     #[arg(long, global = true, env = "COFAB_NODE")]
@@ -211,27 +215,47 @@ fn fail(msg: impl std::fmt::Display) -> ! {
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("COFAB_LOG").unwrap_or_else(|_| "info,libp2p=warn".into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("COFAB_LOG")
+        .unwrap_or_else(|_| "info,libp2p=warn".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     match cli.cmd {
         Cmd::Init { ref name } => init(&cli, name),
         Cmd::Run(ref args) => run(&cli, args).await,
-        Cmd::Demo { for_secs, base_port } => run_demo(for_secs, base_port).await,
-        Cmd::Bench { ref scenarios, quick, ref automerge_repo } => run_bench(scenarios, quick, automerge_repo.clone(), cli.json).await,
+        Cmd::Demo {
+            for_secs,
+            base_port,
+        } => run_demo(for_secs, base_port).await,
+        Cmd::Bench {
+            ref scenarios,
+            quick,
+            ref automerge_repo,
+        } => run_bench(scenarios, quick, automerge_repo.clone(), cli.json).await,
         _ => client_cmd(cli).await,
     }
 }
 
 fn data_dir(cli: &Cli) -> DataDir {
-    DataDir(cli.data_dir.clone().unwrap_or_else(|| fail("--data-dir DIR is required (or COFAB_DATA_DIR)")))
+    DataDir(
+        cli.data_dir
+            .clone()
+            .unwrap_or_else(|| fail("--data-dir DIR is required (or COFAB_DATA_DIR)")),
+    )
 }
 
 fn init(cli: &Cli, name: &str) {
     let dir = data_dir(cli);
-    let key = dir.init(name, random_secret(), &hex(&random_secret())).unwrap_or_else(|e| fail(e));
+    let key = dir
+        .init(name, random_secret(), &hex(&random_secret()))
+        .unwrap_or_else(|e| fail(e));
     let peer = cofab_node::network::peer_id_of(&key.id());
     if cli.json {
-        println!("{}", json!({ "enterprise_id": key.id().to_string(), "peer_id": peer.to_string(), "data_dir": dir.0 }));
+        println!(
+            "{}",
+            json!({ "enterprise_id": key.id().to_string(), "peer_id": peer.to_string(), "data_dir": dir.0 })
+        );
     } else {
         println!("created identity for {name:?} in {}", dir.0.display());
         println!("enterprise id: {}", key.id());
@@ -244,7 +268,8 @@ fn init(cli: &Cli, name: &str) {
 async fn shutdown_signal() {
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("signal handler");
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -260,15 +285,40 @@ async fn run(cli: &Cli, args: &RunArgs) {
     let token = dir.token().unwrap_or_else(|e| fail(e));
     let fc = dir.config().unwrap_or_else(|e| fail(e));
     let mut cfg = NodeConfig::new(key, fc.name.clone(), dir.store_dir());
-    let listen = if args.listen.is_empty() { fc.listen.clone() } else { args.listen.clone() };
-    cfg.listen = listen.iter().map(|a| a.parse().unwrap_or_else(|e| fail(format!("--listen {a}: {e}")))).collect();
-    let boot: Vec<String> = fc.bootstrap.iter().chain(args.bootstrap.iter()).cloned().collect();
-    cfg.bootstrap = boot.iter().map(|a| a.parse().unwrap_or_else(|e| fail(format!("--bootstrap {a}: {e}")))).collect();
+    let listen = if args.listen.is_empty() {
+        fc.listen.clone()
+    } else {
+        args.listen.clone()
+    };
+    cfg.listen = listen
+        .iter()
+        .map(|a| {
+            a.parse()
+                .unwrap_or_else(|e| fail(format!("--listen {a}: {e}")))
+        })
+        .collect();
+    let boot: Vec<String> = fc
+        .bootstrap
+        .iter()
+        .chain(args.bootstrap.iter())
+        .cloned()
+        .collect();
+    cfg.bootstrap = boot
+        .iter()
+        .map(|a| {
+            a.parse()
+                .unwrap_or_else(|e| fail(format!("--bootstrap {a}: {e}")))
+        })
+        .collect();
     cfg.mdns = fc.mdns && !args.no_mdns;
-    cfg.fetch = FetchPolicy { refuse_kinds: fc.refuse_kinds.iter().copied().collect() };
+    cfg.fetch = FetchPolicy {
+        refuse_kinds: fc.refuse_kinds.iter().copied().collect(),
+    };
     cfg.trust_alerts_from = fc.trust_alerts_from.iter().copied().collect();
     let api_addr = args.api.clone().unwrap_or(fc.api.clone());
-    let listener = tokio::net::TcpListener::bind(&api_addr).await.unwrap_or_else(|e| fail(format!("--api {api_addr}: {e}")));
+    let listener = tokio::net::TcpListener::bind(&api_addr)
+        .await
+        .unwrap_or_else(|e| fail(format!("--api {api_addr}: {e}")));
     let node = Node::start(cfg).await.unwrap_or_else(|e| fail(e));
     let h = node.handle.clone();
     let addrs = h.listen_addrs().await.unwrap_or_default();
@@ -276,9 +326,21 @@ async fn run(cli: &Cli, args: &RunArgs) {
     for a in &addrs {
         println!("listening on {a}/p2p/{}", h.info.peer_id);
     }
-    println!("api and console on http://{}", listener.local_addr().map(|a| a.to_string()).unwrap_or(api_addr));
+    println!(
+        "api and console on http://{}",
+        listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or(api_addr)
+    );
     let app = api::router(h.clone(), token);
-    let server = axum::serve(axum::serve::ListenerExt::tap_io(listener, |tcp| { let _ = tcp.set_nodelay(true); }), app).with_graceful_shutdown(shutdown_signal());
+    let server = axum::serve(
+        axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        }),
+        app,
+    )
+    .with_graceful_shutdown(shutdown_signal());
     if let Err(e) = server.await {
         eprintln!("api server: {e}");
     }
@@ -290,12 +352,27 @@ async fn run(cli: &Cli, args: &RunArgs) {
 async fn run_demo(for_secs: Option<u64>, base_port: u16) {
     println!("starting four companies on 127.0.0.1 ...");
     let nodes = demo::start(base_port).await.unwrap_or_else(|e| fail(e));
-    println!("\n{:<32} {:<13} {:<24} {}", "COMPANY", "ROLE", "CONSOLE / API", "TOKEN");
+    println!(
+        "\n{:<32} {:<13} {:<24} {}",
+        "COMPANY", "ROLE", "CONSOLE / API", "TOKEN"
+    );
     for n in &nodes {
-        println!("{:<32} {:<13} {:<24} {}", n.name, n.role, format!("http://{}", n.api), n.token);
+        println!(
+            "{:<32} {:<13} {:<24} {}",
+            n.name,
+            n.role,
+            format!("http://{}", n.api),
+            n.token
+        );
     }
-    println!("\ntry: cofab --node http://{} --token {} order list", nodes[0].api, nodes[0].token);
-    println!("     curl -H 'Authorization: Bearer {}' http://{}/api/v1/status", nodes[1].token, nodes[1].api);
+    println!(
+        "\ntry: cofab --node http://{} --token {} order list",
+        nodes[0].api, nodes[0].token
+    );
+    println!(
+        "     curl -H 'Authorization: Bearer {}' http://{}/api/v1/status",
+        nodes[1].token, nodes[1].api
+    );
     println!("Ctrl-C stops the demo and removes its temporary data.");
     match for_secs {
         Some(s) => tokio::time::sleep(Duration::from_secs(s)).await,
@@ -317,17 +394,29 @@ async fn run_bench(scenarios: &str, quick: bool, am_repo: Option<PathBuf>, json_
         if quick {
             args.push("--quick");
         }
-        let out = std::process::Command::new("node").args(&args).current_dir(&dir).output();
+        let out = std::process::Command::new("node")
+            .args(&args)
+            .current_dir(&dir)
+            .output();
         match out {
-            Ok(o) => String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr),
+            Ok(o) => {
+                String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr)
+            }
             Err(e) => format!("could not run node bench.mjs in {}: {e}", dir.display()),
         }
     });
     if json_out {
-        println!("{}", serde_json::to_string_pretty(&json!({ "cofab": results, "automerge_repo": am })).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({ "cofab": results, "automerge_repo": am }))
+                .unwrap_or_default()
+        );
         return;
     }
-    println!("{:<4} {}", "", "cofab (release build recommended: cargo run --release -- bench)");
+    println!(
+        "{:<4} {}",
+        "", "cofab (release build recommended: cargo run --release -- bench)"
+    );
     for r in &results {
         let mut parts = Vec::new();
         for (k, v) in r.as_object().into_iter().flatten() {
@@ -340,7 +429,11 @@ async fn run_bench(scenarios: &str, quick: bool, am_repo: Option<PathBuf>, json_
             };
             parts.push(format!("{k}={v}"));
         }
-        println!("({}) {}", r["scenario"].as_str().unwrap_or("?"), parts.join("  "));
+        println!(
+            "({}) {}",
+            r["scenario"].as_str().unwrap_or("?"),
+            parts.join("  ")
+        );
     }
     if let Some(am) = am {
         println!("\nautomerge-repo (same machine, same run):\n{am}");
@@ -352,8 +445,13 @@ fn client(cli: &Cli) -> Client {
         (Some(n), Some(t)) => (n.clone(), t.clone()),
         _ => {
             let dir = data_dir(cli);
-            let node = cli.node.clone().unwrap_or_else(|| format!("http://{}", dir.config().unwrap_or_else(|e| fail(e)).api));
-            let token = cli.token.clone().unwrap_or_else(|| dir.token().unwrap_or_else(|e| fail(e)));
+            let node = cli.node.clone().unwrap_or_else(|| {
+                format!("http://{}", dir.config().unwrap_or_else(|e| fail(e)).api)
+            });
+            let token = cli
+                .token
+                .clone()
+                .unwrap_or_else(|| dir.token().unwrap_or_else(|e| fail(e)));
             (node, token)
         }
     };
@@ -387,7 +485,13 @@ async fn client_cmd(cli: Cli) {
         Cmd::Status => {
             let v = ok(c.get("/api/v1/status").await);
             out(&v, &|v| {
-                for k in ["name", "enterprise_id", "peer_id", "connected_peers", "documents"] {
+                for k in [
+                    "name",
+                    "enterprise_id",
+                    "peer_id",
+                    "connected_peers",
+                    "documents",
+                ] {
                     println!("{k:<16} {}", s(v, k));
                 }
                 for a in v["listen_addrs"].as_array().into_iter().flatten() {
@@ -398,23 +502,53 @@ async fn client_cmd(cli: Cli) {
         Cmd::Peers => {
             let v = ok(c.get("/api/v1/peers").await);
             out(&v, &|v| {
-                println!("{:<54} {:<20} {:>8}  ADDRESS", "PEER ID", "ENTERPRISE", "STANDING");
+                println!(
+                    "{:<54} {:<20} {:>8}  ADDRESS",
+                    "PEER ID", "ENTERPRISE", "STANDING"
+                );
                 for p in v.as_array().into_iter().flatten() {
-                    println!("{:<54} {:<20} {:>8}  {}", s(p, "peer_id"), short(&s(p, "enterprise_id")), s(p, "standing"), p["addrs"][0].as_str().unwrap_or("-"));
+                    println!(
+                        "{:<54} {:<20} {:>8}  {}",
+                        s(p, "peer_id"),
+                        short(&s(p, "enterprise_id")),
+                        s(p, "standing"),
+                        p["addrs"][0].as_str().unwrap_or("-")
+                    );
                 }
             });
         }
         Cmd::Order(cmd) => match cmd {
-            OrderCmd::Post { title, quantity, material, processes, due_date, ship_to, target_price, currency, visibility, file } => {
+            OrderCmd::Post {
+                title,
+                quantity,
+                material,
+                processes,
+                due_date,
+                ship_to,
+                target_price,
+                currency,
+                visibility,
+                file,
+            } => {
                 let body = match file {
-                    Some(f) => serde_json::from_str(&std::fs::read_to_string(&f).unwrap_or_else(|e| fail(format!("{}: {e}", f.display())))).unwrap_or_else(|e| fail(format!("{}: {e}", f.display()))),
+                    Some(f) => serde_json::from_str(
+                        &std::fs::read_to_string(&f)
+                            .unwrap_or_else(|e| fail(format!("{}: {e}", f.display()))),
+                    )
+                    .unwrap_or_else(|e| fail(format!("{}: {e}", f.display()))),
                     None => {
                         let mut b = json!({
                             "title": title.unwrap_or_else(|| fail("--title is required (or --file)")),
                             "quantity": quantity.unwrap_or_else(|| fail("--quantity is required (or --file)")),
                             "processes": processes,
                         });
-                        for (k, v) in [("material", material), ("due_date", due_date), ("ship_to", ship_to), ("currency", currency), ("visibility", visibility)] {
+                        for (k, v) in [
+                            ("material", material),
+                            ("due_date", due_date),
+                            ("ship_to", ship_to),
+                            ("currency", currency),
+                            ("visibility", visibility),
+                        ] {
                             if let Some(v) = v {
                                 b[k] = json!(v);
                             }
@@ -432,27 +566,77 @@ async fn client_cmd(cli: Cli) {
                 let q = status.map(|s| format!("?status={s}")).unwrap_or_default();
                 let v = ok(c.get(&format!("/api/v1/orders{q}")).await);
                 out(&v, &|v| {
-                    println!("{:<34} {:<36} {:>7} {:<12} {:<13} {:>4}", "ID", "TITLE", "QTY", "DUE", "STATUS", "BIDS");
+                    println!(
+                        "{:<34} {:<36} {:>7} {:<12} {:<13} {:>4}",
+                        "ID", "TITLE", "QTY", "DUE", "STATUS", "BIDS"
+                    );
                     for o in v.as_array().into_iter().flatten() {
                         let title: String = s(o, "title").chars().take(36).collect();
-                        println!("{:<34} {:<36} {:>7} {:<12} {:<13} {:>4}", s(o, "id"), title, s(o, "quantity"), s(o, "due_date"), s(o, "status"), o["bids"].as_object().map(|b| b.len()).unwrap_or(0));
+                        println!(
+                            "{:<34} {:<36} {:>7} {:<12} {:<13} {:>4}",
+                            s(o, "id"),
+                            title,
+                            s(o, "quantity"),
+                            s(o, "due_date"),
+                            s(o, "status"),
+                            o["bids"].as_object().map(|b| b.len()).unwrap_or(0)
+                        );
                     }
                 });
             }
             OrderCmd::Show { id } => {
                 let v = ok(c.get(&format!("/api/v1/orders/{id}")).await);
                 out(&v, &|v| {
-                    for k in ["id", "title", "owner", "status", "quantity", "material", "due_date", "ship_to", "visibility"] {
+                    for k in [
+                        "id",
+                        "title",
+                        "owner",
+                        "status",
+                        "quantity",
+                        "material",
+                        "due_date",
+                        "ship_to",
+                        "visibility",
+                    ] {
                         println!("{k:<12} {}", s(v, k));
                     }
-                    println!("processes    {}", v["processes"].as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", ")).unwrap_or_default());
-                    println!("\nBIDS\n{:<24} {:>10} {:<5} {:>9} {:>8}", "SUPPLIER", "UNIT PRICE", "CUR", "LEAD DAYS", "AWARDED");
+                    println!(
+                        "processes    {}",
+                        v["processes"]
+                            .as_array()
+                            .map(|a| a
+                                .iter()
+                                .filter_map(|x| x.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", "))
+                            .unwrap_or_default()
+                    );
+                    println!(
+                        "\nBIDS\n{:<24} {:>10} {:<5} {:>9} {:>8}",
+                        "SUPPLIER", "UNIT PRICE", "CUR", "LEAD DAYS", "AWARDED"
+                    );
                     for (sup, b) in v["bids"].as_object().into_iter().flatten() {
-                        println!("{:<24} {:>10} {:<5} {:>9} {:>8}", short(sup), s(b, "unit_price"), s(b, "currency"), s(b, "lead_time_days"), v["award"].get(sup).map(|x| x.to_string()).unwrap_or("-".into()));
+                        println!(
+                            "{:<24} {:>10} {:<5} {:>9} {:>8}",
+                            short(sup),
+                            s(b, "unit_price"),
+                            s(b, "currency"),
+                            s(b, "lead_time_days"),
+                            v["award"]
+                                .get(sup)
+                                .map(|x| x.to_string())
+                                .unwrap_or("-".into())
+                        );
                     }
                 });
             }
-            OrderCmd::Bid { id, unit_price, currency, lead_time_days, quantity } => {
+            OrderCmd::Bid {
+                id,
+                unit_price,
+                currency,
+                lead_time_days,
+                quantity,
+            } => {
                 let mut b = json!({ "unit_price": unit_price, "currency": currency, "lead_time_days": lead_time_days });
                 if let Some(q) = quantity {
                     b["quantity"] = json!(q);
@@ -463,20 +647,41 @@ async fn client_cmd(cli: Cli) {
             OrderCmd::Award { id, to } => {
                 let mut awards = serde_json::Map::new();
                 for t in to {
-                    let (e, q) = t.split_once('=').unwrap_or_else(|| fail("--to ENTERPRISE_ID=QUANTITY"));
-                    awards.insert(e.to_string(), json!(q.parse::<u64>().unwrap_or_else(|_| fail("quantity must be a number"))));
+                    let (e, q) = t
+                        .split_once('=')
+                        .unwrap_or_else(|| fail("--to ENTERPRISE_ID=QUANTITY"));
+                    awards.insert(
+                        e.to_string(),
+                        json!(q
+                            .parse::<u64>()
+                            .unwrap_or_else(|_| fail("quantity must be a number"))),
+                    );
                 }
-                let v = ok(c.post(&format!("/api/v1/orders/{id}/award"), &json!({ "awards": awards })).await);
+                let v = ok(c
+                    .post(
+                        &format!("/api/v1/orders/{id}/award"),
+                        &json!({ "awards": awards }),
+                    )
+                    .await);
                 out(&v, &|_| println!("awarded"));
             }
             OrderCmd::Status { id, status } => {
-                let v = ok(c.post(&format!("/api/v1/orders/{id}/status"), &json!({ "status": status })).await);
+                let v = ok(c
+                    .post(
+                        &format!("/api/v1/orders/{id}/status"),
+                        &json!({ "status": status }),
+                    )
+                    .await);
                 out(&v, &|_| println!("status set"));
             }
         },
         Cmd::Capacity(cmd) => match cmd {
             CapacityCmd::Set { file } => {
-                let body: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap_or_else(|e| fail(format!("{}: {e}", file.display())))).unwrap_or_else(|e| fail(format!("{}: {e}", file.display())));
+                let body: Value = serde_json::from_str(
+                    &std::fs::read_to_string(&file)
+                        .unwrap_or_else(|e| fail(format!("{}: {e}", file.display()))),
+                )
+                .unwrap_or_else(|e| fail(format!("{}: {e}", file.display())));
                 let v = ok(c.put("/api/v1/capacity", &body).await);
                 out(&v, &|v| println!("capacity published as {}", s(v, "id")));
             }
@@ -484,12 +689,26 @@ async fn client_cmd(cli: Cli) {
                 let st = ok(c.get("/api/v1/status").await);
                 let me = s(&st, "enterprise_id");
                 let v = ok(c.get("/api/v1/capacity").await);
-                let mine: Vec<Value> = v.as_array().into_iter().flatten().filter(|x| s(x, "supplier") == me).cloned().collect();
+                let mine: Vec<Value> = v
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|x| s(x, "supplier") == me)
+                    .cloned()
+                    .collect();
                 out(&json!(mine), &|v| print_capacity(v));
             }
-            CapacityCmd::Search { process, material, region } => {
+            CapacityCmd::Search {
+                process,
+                material,
+                region,
+            } => {
                 let mut q = Vec::new();
-                for (k, v) in [("process", process), ("material", material), ("region", region)] {
+                for (k, v) in [
+                    ("process", process),
+                    ("material", material),
+                    ("region", region),
+                ] {
                     if let Some(v) = v {
                         q.push(format!("{k}={v}"));
                     }
@@ -499,7 +718,11 @@ async fn client_cmd(cli: Cli) {
             }
         },
         Cmd::Design(cmd) => match cmd {
-            DesignCmd::New { title, description, visibility } => {
+            DesignCmd::New {
+                title,
+                description,
+                visibility,
+            } => {
                 let mut b = json!({ "title": title, "description": description });
                 if let Some(v) = visibility {
                     b["visibility"] = json!(v);
@@ -520,24 +743,53 @@ async fn client_cmd(cli: Cli) {
                     }
                 });
             }
-            DesignCmd::Edit { id, pos, delete, insert } => {
-                let v = ok(c.post(&format!("/api/v1/designs/{id}/text"), &json!({ "pos": pos, "delete": delete, "insert": insert })).await);
+            DesignCmd::Edit {
+                id,
+                pos,
+                delete,
+                insert,
+            } => {
+                let v = ok(c
+                    .post(
+                        &format!("/api/v1/designs/{id}/text"),
+                        &json!({ "pos": pos, "delete": delete, "insert": insert }),
+                    )
+                    .await);
                 out(&v, &|_| println!("edited"));
             }
             DesignCmd::Release { id, name } => {
-                let v = ok(c.post(&format!("/api/v1/designs/{id}/releases"), &json!({ "name": name })).await);
+                let v = ok(c
+                    .post(
+                        &format!("/api/v1/designs/{id}/releases"),
+                        &json!({ "name": name }),
+                    )
+                    .await);
                 out(&v, &|_| println!("released"));
             }
         },
         Cmd::Sync { id, wait } => loop {
             let v = ok(c.get(&format!("/api/v1/docs/{id}/sync")).await);
             let peers = v["peers"].as_array().cloned().unwrap_or_default();
-            let connected: Vec<&Value> = peers.iter().filter(|p| p["connected"] == json!(true)).collect();
-            let done = connected.iter().filter(|p| p["has_all_our_changes"] == json!(true) && p["same_heads"] == json!(true)).count();
+            let connected: Vec<&Value> = peers
+                .iter()
+                .filter(|p| p["connected"] == json!(true))
+                .collect();
+            let done = connected
+                .iter()
+                .filter(|p| {
+                    p["has_all_our_changes"] == json!(true) && p["same_heads"] == json!(true)
+                })
+                .count();
             if !wait || json_out {
                 out(&v, &|v| {
                     for p in v["peers"].as_array().into_iter().flatten() {
-                        println!("{:<20} connected={} has_all={} same_heads={}", short(&s(p, "enterprise_id")), s(p, "connected"), s(p, "has_all_our_changes"), s(p, "same_heads"));
+                        println!(
+                            "{:<20} connected={} has_all={} same_heads={}",
+                            short(&s(p, "enterprise_id")),
+                            s(p, "connected"),
+                            s(p, "has_all_our_changes"),
+                            s(p, "same_heads")
+                        );
                     }
                 });
                 break;
@@ -554,9 +806,23 @@ async fn client_cmd(cli: Cli) {
 }
 
 fn print_capacity(v: &Value) {
-    println!("{:<34} {:<8} {:<44} {:>5}", "SUPPLIER", "REGION", "PROCESSES", "LEAD");
+    println!(
+        "{:<34} {:<8} {:<44} {:>5}",
+        "SUPPLIER", "REGION", "PROCESSES", "LEAD"
+    );
     for c in v.as_array().into_iter().flatten() {
-        let procs: Vec<String> = c["capabilities"].as_array().into_iter().flatten().map(|x| s(x, "process")).collect();
-        println!("{:<34} {:<8} {:<44} {:>5}", s(c, "name"), s(c, "region"), procs.join(", "), s(c, "lead_time_days"));
+        let procs: Vec<String> = c["capabilities"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|x| s(x, "process"))
+            .collect();
+        println!(
+            "{:<34} {:<8} {:<44} {:>5}",
+            s(c, "name"),
+            s(c, "region"),
+            procs.join(", "),
+            s(c, "lead_time_days")
+        );
     }
 }
