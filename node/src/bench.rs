@@ -256,27 +256,20 @@ pub async fn large_design(chars: usize) -> Value {
     json!({ "scenario": "c", "chars": chars, "sync_ms": secs * 1e3, "automerge_load_ms": load_s * 1e3, "ratio_to_load": secs / load_s, "build_s": build_s, "rss_mb_delta_b": rss_after - rss_before })
 }
 
-/// (d) `n` small changes to one document through the HTTP API with `conc` concurrent
-/// clients; acknowledged writes per second, and time until the peer has them all.
-pub async fn sustained(n: usize, conc: usize) -> Value {
+/// One write of a sustained-writes scenario.
+type WriteOne = std::sync::Arc<dyn Fn() -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
+
+/// Drives (d)/(d′): two connected nodes, a design on A, and `n` one-character writes made
+/// by `conc` concurrent writers calling what `setup(a, design)` returns; acknowledged
+/// writes per second and the time until B holds them all.
+async fn sustained_run<S, Fut>(scenario: &str, n: usize, conc: usize, setup: S) -> Value
+where
+    S: FnOnce(NodeHandle, DocId) -> Fut,
+    Fut: std::future::Future<Output = WriteOne>,
+{
     let a = start_node("A").await;
     let b = start_node("B").await;
     connect(&a.node.handle, &b.node.handle).await;
-    let token = "bench-token".to_string();
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
-        .await
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = crate::api::router(a.node.handle.clone(), token.clone());
-    let server = tokio::spawn(async move {
-        let _ = axum::serve(
-            axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                let _ = tcp.set_nodelay(true);
-            }),
-            app,
-        )
-        .await;
-    });
     let input = DesignInput {
         title: "sustained".into(),
         ..Default::default()
@@ -287,17 +280,52 @@ pub async fn sustained(n: usize, conc: usize) -> Value {
         .create(move |kp, now, nonce| model::create_design(kp, &input, now, nonce))
         .await
         .unwrap();
-    let client = reqwest::Client::new();
-    let url = format!("http://{addr}/api/v1/designs/{id}/text");
+    let write_one = setup(a.node.handle.clone(), id).await;
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..conc {
-        let client = client.clone();
-        let url = url.clone();
-        let token = token.clone();
+        let write_one = write_one.clone();
         let count = n / conc + usize::from(w < n % conc);
         tasks.push(tokio::spawn(async move {
             for _ in 0..count {
+                write_one().await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let ack_s = t0.elapsed().as_secs_f64();
+    while changes_of(&b.node.handle, id).await < n + 1 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let peer_s = t0.elapsed().as_secs_f64();
+    stop(vec![a, b]).await;
+    json!({ "scenario": scenario, "changes": n, "writers": conc, "acked_per_s": n as f64 / ack_s, "peer_has_all_s": peer_s, "end_to_end_per_s": n as f64 / peer_s })
+}
+
+/// (d) `n` small changes to one document through the HTTP API with `conc` concurrent clients.
+pub async fn sustained(n: usize, conc: usize) -> Value {
+    sustained_run("d", n, conc, |handle, id| async move {
+        let token = "bench-token".to_string();
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .unwrap();
+        let url = format!(
+            "http://{}/api/v1/designs/{id}/text",
+            listener.local_addr().unwrap()
+        );
+        let app = crate::api::router(handle, token.clone());
+        tokio::spawn(async move {
+            let nodelay = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            let _ = axum::serve(nodelay, app).await;
+        });
+        let client = reqwest::Client::new();
+        let write: WriteOne = std::sync::Arc::new(move || {
+            let (client, url, token) = (client.clone(), url.clone(), token.clone());
+            Box::pin(async move {
                 let r = client
                     .post(&url)
                     .bearer_auth(&token)
@@ -306,72 +334,35 @@ pub async fn sustained(n: usize, conc: usize) -> Value {
                     .await
                     .unwrap();
                 assert!(r.status().is_success());
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let ack_s = t0.elapsed().as_secs_f64();
-    while changes_of(&b.node.handle, id).await < n + 1 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    let peer_s = t0.elapsed().as_secs_f64();
-    server.abort();
-    stop(vec![a, b]).await;
-    json!({ "scenario": "d", "changes": n, "clients": conc, "acked_per_s": n as f64 / ack_s, "peer_has_all_s": peer_s, "end_to_end_per_s": n as f64 / peer_s })
+            })
+        });
+        write
+    })
+    .await
 }
 
 /// (d′) the same through the node's Rust API (`NodeHandle::edit`) with `conc` concurrent
 /// callers: what the node accepts without HTTP in the way.
 pub async fn sustained_handle(n: usize, conc: usize) -> Value {
-    let a = start_node("A").await;
-    let b = start_node("B").await;
-    connect(&a.node.handle, &b.node.handle).await;
-    let input = DesignInput {
-        title: "sustained".into(),
-        ..Default::default()
-    };
-    let id = a
-        .node
-        .handle
-        .create(move |kp, now, nonce| model::create_design(kp, &input, now, nonce))
-        .await
-        .unwrap();
-    let t0 = Instant::now();
-    let mut tasks = Vec::new();
-    for w in 0..conc {
-        let h = a.node.handle.clone();
-        let count = n / conc + usize::from(w < n % conc);
-        tasks.push(tokio::spawn(async move {
-            for _ in 0..count {
-                h.edit(id, |d, kp, now| {
-                    model::splice_description(
-                        d,
-                        kp,
-                        now,
-                        &Splice {
-                            pos: 0,
-                            delete: 0,
-                            insert: "x".into(),
-                        },
-                    )
+    sustained_run("d'", n, conc, |handle, id| async move {
+        let write: WriteOne = std::sync::Arc::new(move || {
+            let h = handle.clone();
+            Box::pin(async move {
+                let splice = Splice {
+                    pos: 0,
+                    delete: 0,
+                    insert: "x".into(),
+                };
+                h.edit(id, move |d, kp, now| {
+                    model::splice_description(d, kp, now, &splice)
                 })
                 .await
                 .unwrap();
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let ack_s = t0.elapsed().as_secs_f64();
-    while changes_of(&b.node.handle, id).await < n + 1 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    let peer_s = t0.elapsed().as_secs_f64();
-    stop(vec![a, b]).await;
-    json!({ "scenario": "d'", "changes": n, "callers": conc, "acked_per_s": n as f64 / ack_s, "peer_has_all_s": peer_s, "end_to_end_per_s": n as f64 / peer_s })
+            })
+        });
+        write
+    })
+    .await
 }
 
 /// (e) one public order posted on one node reaching `nodes` nodes; p50/p99 over `rounds`.

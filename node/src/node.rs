@@ -746,7 +746,7 @@ impl EventLoop {
                 }
                 _ = tick.tick() => {
                     let outs = self.replica.tick();
-                    self.outputs(outs, None);
+                    self.outputs(outs);
                     self.commit();
                 }
                 _ = kad_tick.tick() => {
@@ -806,7 +806,7 @@ impl EventLoop {
                         let public = doc.genesis().visibility == Visibility::Public;
                         let kind = doc.genesis().kind;
                         let outs = self.replica.create(doc, acc);
-                        self.outputs(outs, None);
+                        self.outputs(outs);
                         if public {
                             self.pending.announce.push(id);
                         }
@@ -826,17 +826,16 @@ impl EventLoop {
             }
             Command::Edit { doc, f, reply } => match self.replica.edit(&doc, now_ms(), f) {
                 Ok((_, outs)) => {
+                    // No gossip announcement per edit: peers holding the document get the
+                    // change through their sync session; announcements are for new documents.
                     if let Some(d) = self.replica.doc(&doc) {
-                        if d.genesis().visibility == Visibility::Public {
-                            self.pending.announce.push(doc);
-                        }
                         self.pending.events.push(Event::DocUpdated {
                             doc: doc.to_string(),
                             kind: d.genesis().kind,
                             from: None,
                         });
                     }
-                    self.outputs(outs, None);
+                    self.outputs(outs);
                     self.pending.replies.push(Box::new(move |r| {
                         let _ = reply.send(r);
                     }));
@@ -881,7 +880,7 @@ impl EventLoop {
         v
     }
 
-    fn outputs(&mut self, outs: Vec<Output>, from_peer: Option<PeerId>) {
+    fn outputs(&mut self, outs: Vec<Output>) {
         for o in outs {
             match o {
                 Output::Send { to, msg } => self.pending.sends.entry(to).or_default().push(msg),
@@ -913,7 +912,6 @@ impl EventLoop {
                 }
             }
         }
-        let _ = from_peer;
     }
 
     fn reject(&mut self, peer: PeerId, doc: Option<DocId>, reason: &str, detail: String) {
@@ -993,7 +991,7 @@ impl EventLoop {
                     });
                     if let Some(e) = enterprise {
                         let outs = self.replica.peer_connected(e);
-                        self.outputs(outs, Some(peer_id));
+                        self.outputs(outs);
                     }
                 }
             }
@@ -1120,7 +1118,7 @@ impl EventLoop {
                             let now = now_ms();
                             for m in merge_runs(msgs) {
                                 let outs = self.replica.receive(from, m, now);
-                                self.outputs(outs, Some(peer));
+                                self.outputs(outs);
                             }
                         }
                         Ok(Frame::Announce(items)) => self.announced(peer, items),
@@ -1304,7 +1302,7 @@ impl EventLoop {
             }
             if self.peers.contains_key(&origin) {
                 if let Some(o) = self.replica.request(e, a.doc) {
-                    self.outputs(vec![o], Some(origin));
+                    self.outputs(vec![o]);
                 }
             } else if !self.banned.contains(&origin) {
                 // Connecting starts sessions for every document the peer may share.

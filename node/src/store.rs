@@ -199,11 +199,6 @@ impl Store {
         Ok(())
     }
 
-    /// A setting.
-    pub fn setting(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.settings.get(key.as_bytes())?.map(|v| v.to_vec()))
-    }
-
     /// Settings whose key starts with `prefix`.
     pub fn settings_with_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.settings

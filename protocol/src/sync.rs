@@ -476,7 +476,7 @@ impl Replica {
                 session.missing_deps = 0;
                 a
             }
-            Err(IngestError::MissingDeps(n)) => {
+            Err(IngestError::MissingDeps(_)) => {
                 session.missing_deps += 1;
                 *self.stats.rejected.entry("missing_deps").or_default() += 1;
                 if session.missing_deps > MAX_MISSING_DEPS {
@@ -485,7 +485,6 @@ impl Replica {
                     }
                     return out;
                 }
-                let _ = n;
                 Accepted::default()
             }
             Err(e) => {
