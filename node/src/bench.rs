@@ -75,6 +75,20 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i]
 }
 
+/// CPU seconds (user + system) this process has used so far, all threads.
+fn cpu_s() -> f64 {
+    // /proc/self/stat fields 14 and 15 (utime, stime) in clock ticks (100 per second here).
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+            Some(ticks / 100.0)
+        })
+        .unwrap_or(f64::NAN)
+}
+
 fn rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -171,6 +185,7 @@ pub async fn many_docs(docs: usize) -> Value {
     let create_s = t_create.elapsed().as_secs_f64();
     let rss_before = rss_mb();
     let b = start_node("B").await;
+    let cpu0 = cpu_s();
     let t0 = Instant::now();
     connect(&b.node.handle, &a.node.handle).await;
     loop {
@@ -186,9 +201,10 @@ pub async fn many_docs(docs: usize) -> Value {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let secs = t0.elapsed().as_secs_f64();
+    let cpu = cpu_s() - cpu0;
     let rss_after = rss_mb();
     stop(vec![a, b]).await;
-    json!({ "scenario": "b", "docs": docs, "changes_per_doc": 10, "sync_s": secs, "create_s": create_s, "rss_mb_process": rss_after, "rss_mb_delta_b": rss_after - rss_before })
+    json!({ "scenario": "b", "docs": docs, "changes_per_doc": 10, "sync_s": secs, "cpu_s": cpu, "create_s": create_s, "rss_mb_process": rss_after, "rss_mb_delta_b": rss_after - rss_before })
 }
 
 fn merge(acc: &mut Accepted, more: Accepted) {
@@ -234,12 +250,14 @@ pub async fn large_design(chars: usize) -> Value {
     let build_s = t_build.elapsed().as_secs_f64();
     let rss_before = rss_mb();
     let b = start_node("B").await;
+    let cpu0 = cpu_s();
     let t0 = Instant::now();
     connect(&b.node.handle, &a.node.handle).await;
     while changes_of(&b.node.handle, id).await < chars + 1 {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let secs = t0.elapsed().as_secs_f64();
+    let cpu = cpu_s() - cpu0;
     // automerge's own load() of the same document, same process, for comparison.
     let bytes = a
         .node
@@ -253,7 +271,7 @@ pub async fn large_design(chars: usize) -> Value {
     let load_s = t1.elapsed().as_secs_f64();
     let rss_after = rss_mb();
     stop(vec![a, b]).await;
-    json!({ "scenario": "c", "chars": chars, "sync_ms": secs * 1e3, "automerge_load_ms": load_s * 1e3, "ratio_to_load": secs / load_s, "build_s": build_s, "rss_mb_delta_b": rss_after - rss_before })
+    json!({ "scenario": "c", "chars": chars, "sync_ms": secs * 1e3, "cpu_ms": cpu * 1e3, "automerge_load_ms": load_s * 1e3, "ratio_to_load": secs / load_s, "build_s": build_s, "rss_mb_delta_b": rss_after - rss_before })
 }
 
 /// One write of a sustained-writes scenario.

@@ -68,6 +68,8 @@ pub struct Document {
     sigs: HashMap<ChangeHash, [u8; 64]>,
     /// Per author: hashes of its changes, index = seq - 1.
     chains: BTreeMap<EnterpriseId, Vec<ChangeHash>>,
+    /// Object paths resolved while checking accepted changes.
+    paths: rules::PathCache,
 }
 
 impl std::fmt::Debug for Document {
@@ -137,6 +139,7 @@ impl Document {
             doc: Automerge::new(),
             sigs: HashMap::new(),
             chains: BTreeMap::new(),
+            paths: rules::PathCache::default(),
         }
     }
 
@@ -165,6 +168,7 @@ impl Document {
             doc,
             sigs: sigs.into_iter().collect(),
             chains: BTreeMap::new(),
+            paths: rules::PathCache::default(),
         };
         d.rebuild_chains();
         Ok(d)
@@ -294,7 +298,15 @@ impl Document {
             return Ok((out, Accepted::default()));
         };
         let change = self.doc.get_last_local_change().expect("just committed");
-        if let Err(v) = rules::check_change(&self.doc, self.genesis.genesis(), &change) {
+        let mut fresh = rules::PathCache::default();
+        let checked = rules::check_change(
+            &self.doc,
+            self.genesis.genesis(),
+            &change,
+            &self.paths,
+            &mut fresh,
+        );
+        if let Err(v) = checked {
             // Roll back by rebuilding without the change. Rare: typed edits pre-check their intent.
             let keep: Vec<Change> = self
                 .doc
@@ -307,6 +319,7 @@ impl Document {
             self.doc = d;
             return Err(v.into());
         }
+        self.paths.extend(fresh);
         let sig = author.sign_change(&self.id(), &hash).to_bytes();
         self.sigs.insert(hash, sig);
         self.chains.entry(me).or_default().push(hash);
@@ -349,10 +362,18 @@ impl Document {
         catch(|| scratch.apply_changes(sorted.clone()))
             .map_err(IngestError::Apply)?
             .map_err(|e| IngestError::Apply(e.to_string()))?;
+        let mut fresh_paths = rules::PathCache::default();
         for c in &sorted {
-            rules::check_change(&scratch, self.genesis.genesis(), c)?;
+            rules::check_change(
+                &scratch,
+                self.genesis.genesis(),
+                c,
+                &self.paths,
+                &mut fresh_paths,
+            )?;
         }
         self.doc = scratch;
+        self.paths.extend(fresh_paths);
         let order = sorted
             .iter()
             .map(|c| {
@@ -398,6 +419,7 @@ impl Document {
             return Err(IngestError::Snapshot("snapshot has missing deps".into()));
         }
         let g = self.genesis.genesis();
+        let mut fresh_paths = rules::PathCache::default();
         for m in &sorted {
             let author = EnterpriseId::from_slice(m.actor_bytes()).expect("checked");
             match rules::check_without_ops(g, &author, m.deps().is_empty()) {
@@ -406,7 +428,7 @@ impl Document {
                     let c = scratch.get_change_by_hash(&m.hash()).ok_or_else(|| {
                         IngestError::Snapshot("change listed but not found".into())
                     })?;
-                    rules::check_change(&scratch, g, &c)?;
+                    rules::check_change(&scratch, g, &c, &self.paths, &mut fresh_paths)?;
                 }
             }
         }
@@ -421,6 +443,7 @@ impl Document {
             .collect();
         drop(sorted);
         self.doc = scratch;
+        self.paths.extend(fresh_paths);
         Ok(self.commit_verified(order, Vec::new(), verified, Some(bytes.to_vec())))
     }
 
@@ -455,15 +478,19 @@ impl Document {
     ) -> Result<(Vec<C>, Vec<(ChangeHash, [u8; 64])>), IngestError> {
         let doc_str = self.id().to_string();
         let mut by_author: BTreeMap<EnterpriseId, Vec<usize>> = BTreeMap::new();
+        // Decompressing a key costs microseconds: check each distinct actor once.
+        let mut last: Option<EnterpriseId> = None;
         for (i, c) in fresh.iter().enumerate() {
-            let a = EnterpriseId::from_slice(c.actor_bytes())
-                .ok()
-                .filter(|a| a.verifying_key().is_some())
-                .ok_or_else(|| {
-                    IngestError::UnboundActor(
+            let a = match EnterpriseId::from_slice(c.actor_bytes()) {
+                Ok(a) if last == Some(a) || by_author.contains_key(&a) => a,
+                Ok(a) if a.verifying_key().is_some() => a,
+                _ => {
+                    return Err(IngestError::UnboundActor(
                         c.actor_bytes().iter().map(|b| format!("{b:02x}")).collect(),
-                    )
-                })?;
+                    ))
+                }
+            };
+            last = Some(a);
             if c.message() != Some(doc_str.as_str()) {
                 return Err(IngestError::WrongDocument {
                     hash: c.hash().to_string(),

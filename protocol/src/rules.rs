@@ -8,7 +8,11 @@
 //! one that peers reject.
 //! Must not: apply anything, or depend on arrival order, wall clock or local config.
 
-use automerge::{Automerge, Change, ChangeHash, ObjId, Prop, ReadDoc, ScalarValue, Value, ROOT};
+use std::collections::HashMap;
+
+use automerge::{
+    ActorId, Automerge, Change, ChangeHash, ObjId, Prop, ReadDoc, ScalarValue, Value, ROOT,
+};
 
 use crate::doc::{Genesis, Kind, Role, Visibility};
 use crate::error::{Rule, RuleViolation};
@@ -115,27 +119,62 @@ fn key_present_at(doc: &Automerge, container: &str, key: &str, heads: &[ChangeHa
         .unwrap_or(false)
 }
 
+/// Paths of objects already resolved. An automerge object never moves once created
+/// (its parent and key are fixed by the op that made it), so a path found once holds
+/// for good; walking an object's parents is the dearest part of a rule check.
+#[derive(Clone, Debug, Default)]
+pub struct PathCache {
+    known: HashMap<(u64, ActorId), Vec<String>>,
+}
+
+impl PathCache {
+    /// Adds paths found while checking changes that were then accepted.
+    pub fn extend(&mut self, fresh: PathCache) {
+        if self.known.len() < MAX_CACHED_PATHS {
+            self.known.extend(fresh.known);
+        }
+    }
+}
+
+/// Bound on a document's path cache (objects beyond it are resolved each time).
+const MAX_CACHED_PATHS: usize = 4096;
+
 /// Reads a change's operations as paths. `doc` must already contain the change.
-pub fn targets_of(doc: &Automerge, change: &Change) -> Result<Vec<Target>, String> {
+/// Paths are looked up in `known` (from accepted changes) and `fresh`; new ones go to
+/// `fresh`, which the caller keeps only if the changes are accepted.
+pub fn targets_of(
+    doc: &Automerge,
+    change: &Change,
+    known: &PathCache,
+    fresh: &mut PathCache,
+) -> Result<Vec<Target>, String> {
     let expanded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| change.decode()))
         .map_err(|_| "change does not decode".to_string())?;
     let mut out = Vec::with_capacity(expanded.operations.len());
     for op in expanded.operations {
-        let mut path = match &op.obj {
+        let mut path = match op.obj {
             automerge::legacy::ObjectId::Root => Vec::new(),
             automerge::legacy::ObjectId::Id(automerge::legacy::OpId(ctr, actor)) => {
-                let exid = ObjId::Id(*ctr, actor.clone(), usize::MAX);
-                let parents = doc
-                    .parents(&exid)
-                    .map_err(|e| format!("unknown object: {e}"))?;
-                parents
-                    .path()
-                    .into_iter()
-                    .map(|(_, p)| match p {
-                        Prop::Map(k) => k,
-                        Prop::Seq(_) => "#".to_string(),
-                    })
-                    .collect()
+                let key = (ctr, actor);
+                match known.known.get(&key).or_else(|| fresh.known.get(&key)) {
+                    Some(p) => p.clone(),
+                    None => {
+                        let exid = ObjId::Id(ctr, key.1.clone(), usize::MAX);
+                        let parents = doc
+                            .parents(&exid)
+                            .map_err(|e| format!("unknown object: {e}"))?;
+                        let p: Vec<String> = parents
+                            .path()
+                            .into_iter()
+                            .map(|(_, p)| match p {
+                                Prop::Map(k) => k,
+                                Prop::Seq(_) => "#".to_string(),
+                            })
+                            .collect();
+                        fresh.known.insert(key, p.clone());
+                        p
+                    }
+                }
             }
         };
         path.push(match &op.key {
@@ -207,10 +246,13 @@ pub fn check_without_ops(
 }
 
 /// Checks one change (already applied to `doc`) against the rules of its document.
+/// `known`/`fresh`: see [`targets_of`].
 pub fn check_change(
     doc: &Automerge,
     genesis: &Genesis,
     change: &Change,
+    known: &PathCache,
+    fresh: &mut PathCache,
 ) -> Result<(), RuleViolation> {
     let author =
         EnterpriseId::from_slice(change.actor_id().to_bytes()).map_err(|_| RuleViolation {
@@ -231,7 +273,8 @@ pub fn check_change(
     if genesis.visibility == Visibility::Members && role.is_none() {
         return Err(ctx.violation(Rule::NotMember, &[]));
     }
-    let targets = targets_of(doc, change).map_err(|_| ctx.violation(Rule::UnknownField, &[]))?;
+    let targets = targets_of(doc, change, known, fresh)
+        .map_err(|_| ctx.violation(Rule::UnknownField, &[]))?;
     check_targets(&ctx, role, &targets)
 }
 

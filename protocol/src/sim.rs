@@ -338,10 +338,12 @@ impl SimNetwork {
         true
     }
 
-    /// Delivers messages and ticks every node until nothing is in flight and a tick
-    /// sends nothing. Panics with the seed if `max_steps` is exceeded.
+    /// Delivers messages and ticks every node until nothing is in flight and two ticks
+    /// in a row send nothing (a tick leaves an exchange that moved since the previous
+    /// tick alone). Panics with the seed if `max_steps` is exceeded.
     pub fn run_until_quiescent(&mut self, max_steps: usize) {
         let mut steps = 0;
+        let mut quiet_ticks = 0;
         loop {
             while self.step() {
                 steps += 1;
@@ -362,7 +364,12 @@ impl SimNetwork {
                 self.handle(i, outs);
             }
             if !sent && self.queue.is_empty() {
-                return;
+                quiet_ticks += 1;
+                if quiet_ticks >= 2 {
+                    return;
+                }
+            } else {
+                quiet_ticks = 0;
             }
             steps += 1;
             assert!(

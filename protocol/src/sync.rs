@@ -107,6 +107,10 @@ pub struct Session {
     pub last_heard_ms: Option<i64>,
     /// The clock we last sent the peer.
     pub sent_clock: Option<Clock>,
+    /// Since the last tick the peer's clock moved, or we sent it content or a genesis:
+    /// the exchange is under way, so the next tick leaves it alone (re-sending then would
+    /// duplicate what is still in flight).
+    recent: bool,
 }
 
 /// Sync state of one peer for one document, for the API.
@@ -366,6 +370,7 @@ impl Replica {
             )
         });
         self.stats.messages_sent += 1;
+        session.recent |= genesis.is_some() || !matches!(payload, Payload::None);
         session.sent_clock = Some(ours.clone());
         Some(Output::Send {
             to: peer,
@@ -536,6 +541,9 @@ impl Replica {
         } else {
             max_merge(&mut session.assumed, &msg.clock);
         }
+        if session.confirmed.as_ref() != Some(&msg.clock) {
+            session.recent = true;
+        }
         session.confirmed = Some(msg.clock.clone());
         let we_lack = !covers(&ours, &msg.clock);
         let they_know = session.sent_clock.as_ref() == Some(&ours);
@@ -626,14 +634,15 @@ impl Replica {
                     }
                     Some(s) => {
                         s.missing_deps = 0;
+                        let recent = std::mem::take(&mut s.recent);
                         match &s.confirmed {
-                            None => true,
+                            None => !recent,
                             Some(c) => {
                                 let differ = c != &ours || s.their_heads != heads;
-                                if differ {
+                                if differ && !recent {
                                     s.assumed = c.clone();
                                 }
-                                differ
+                                differ && !recent
                             }
                         }
                     }
