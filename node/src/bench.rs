@@ -152,7 +152,230 @@ pub async fn latency(n: usize) -> Value {
     }
     samples.sort_by(|x, y| x.partial_cmp(y).unwrap());
     stop(vec![a, b]).await;
-    json!({ "scenario": "a", "changes": n, "p50_ms": percentile(&samples, 0.5), "p99_ms": percentile(&samples, 0.99) })
+    json!({ "scenario": "a", "mode": "one process", "changes": n, "p50_ms": percentile(&samples, 0.5), "p99_ms": percentile(&samples, 0.99) })
+}
+
+/// A `cofab run` child process with its own data folder, for the cross-process (a).
+struct ChildNode {
+    child: std::process::Child,
+    api: String,
+    token: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for ChildNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port on 127.0.0.1")
+}
+
+/// Starts `cofab run` (this same binary) on 127.0.0.1 with mDNS off.
+async fn spawn_node(name: &str, bootstrap: Option<u16>) -> Result<(ChildNode, u16), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let dir = tempfile::Builder::new()
+        .prefix("cofab-bench-")
+        .tempdir()
+        .map_err(|e| e.to_string())?;
+    let init = std::process::Command::new(&exe)
+        .args(["init", "--name", name, "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !init.status.success() {
+        return Err(format!(
+            "cofab init failed: {}",
+            String::from_utf8_lossy(&init.stderr)
+        ));
+    }
+    let (p2p, api) = (free_port(), free_port());
+    let mut cmd = std::process::Command::new(&exe);
+    cmd.args(["run", "--no-mdns", "--data-dir"])
+        .arg(dir.path())
+        .args(["--listen", &format!("/ip4/127.0.0.1/tcp/{p2p}")])
+        .args(["--api", &format!("127.0.0.1:{api}")]);
+    if let Some(b) = bootstrap {
+        cmd.args(["--bootstrap", &format!("/ip4/127.0.0.1/tcp/{b}")]);
+    }
+    let child = cmd
+        .env("COFAB_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let token = std::fs::read_to_string(dir.path().join("api-token"))
+        .map_err(|e| e.to_string())?
+        .trim()
+        .to_string();
+    let node = ChildNode {
+        child,
+        api: format!("http://127.0.0.1:{api}"),
+        token,
+        _dir: dir,
+    };
+    let t = Instant::now();
+    while reqwest::get(format!("{}/healthz", node.api)).await.is_err() {
+        if t.elapsed() > Duration::from_secs(30) {
+            return Err(format!("{name} did not come up"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok((node, p2p))
+}
+
+/// `doc_updated` events of a node's `/api/v1/events` stream: (doc, from, at_ns).
+fn doc_events(
+    api: &str,
+    token: &str,
+) -> tokio::sync::mpsc::UnboundedReceiver<(String, Option<String>, u64)> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (url, token) = (format!("{api}/api/v1/events"), token.to_string());
+    tokio::spawn(async move {
+        let Ok(mut resp) = reqwest::Client::new()
+            .get(url)
+            .bearer_auth(token)
+            .send()
+            .await
+        else {
+            return;
+        };
+        let mut buf = String::new();
+        while let Ok(Some(chunk)) = resp.chunk().await {
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buf.find('\n') {
+                let line: String = buf.drain(..=end).collect();
+                let Some(data) = line.trim().strip_prefix("data:") else {
+                    continue;
+                };
+                let Ok(v) = serde_json::from_str::<Value>(data.trim()) else {
+                    continue;
+                };
+                if v["type"] == "doc_updated" {
+                    let ev = (
+                        v["doc"].as_str().unwrap_or_default().to_string(),
+                        v["from"].as_str().map(str::to_string),
+                        v["at_ns"].as_u64().unwrap_or(0),
+                    );
+                    if tx.send(ev).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// (a) across processes: two `cofab run` processes; the bench posts one comment at a time
+/// to A over HTTP and waits until B reports it applied. Both nodes stamp their events
+/// with the machine's monotonic clock, so one-way times are read without clock skew:
+/// from the HTTP request leaving the bench, and from A's edit, to B having applied it.
+pub async fn latency_processes(n: usize) -> Value {
+    match latency_processes_inner(n).await {
+        Ok(v) => v,
+        Err(e) => json!({ "scenario": "a", "mode": "processes", "error": e }),
+    }
+}
+
+async fn latency_processes_inner(n: usize) -> Result<Value, String> {
+    let (a, a_p2p) = spawn_node("A", None).await?;
+    let (b, _) = spawn_node("B", Some(a_p2p)).await?;
+    let http = reqwest::Client::new();
+    let order: Value = http
+        .post(format!("{}/api/v1/orders", a.api))
+        .bearer_auth(&a.token)
+        .json(&json!({ "title": "latency", "quantity": 1, "visibility": "public" }))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?
+        .json()
+        .await
+        .map_err(|e| e.to_string())?;
+    let id = order["id"]
+        .as_str()
+        .ok_or_else(|| format!("no order id in {order}"))?
+        .to_string();
+    let mut a_ev = doc_events(&a.api, &a.token);
+    let mut b_ev = doc_events(&b.api, &b.token);
+    // Wait until B holds the order (it connects by --bootstrap, then syncs).
+    let t = Instant::now();
+    loop {
+        let r = http
+            .get(format!("{}/api/v1/orders/{id}", b.api))
+            .bearer_auth(&b.token)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if r.status().is_success() {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            return Err("B never received the order".into());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    while a_ev.try_recv().is_ok() || b_ev.try_recv().is_ok() {}
+    let url = format!("{}/api/v1/orders/{id}/discussion", a.api);
+    let (mut from_request, mut from_edit, mut ack) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..n + 20 {
+        let t0 = crate::node::mono_ns();
+        let r = http
+            .post(&url)
+            .bearer_auth(&a.token)
+            .json(&json!({ "text": format!("c{i}") }))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let t_ack = crate::node::mono_ns();
+        if !r.status().is_success() {
+            return Err(format!("comment refused: {}", r.status()));
+        }
+        let t_b = next_event(&mut b_ev, &id, true, i).await?;
+        let t_a = next_event(&mut a_ev, &id, false, i).await?;
+        if i >= 20 {
+            from_request.push(t_b.saturating_sub(t0) as f64 / 1e6);
+            from_edit.push(t_b.saturating_sub(t_a) as f64 / 1e6);
+            ack.push(t_ack.saturating_sub(t0) as f64 / 1e6);
+        }
+    }
+    for v in [&mut from_request, &mut from_edit, &mut ack] {
+        v.sort_by(|x, y| x.total_cmp(y));
+    }
+    drop((a, b));
+    Ok(json!({
+        "scenario": "a",
+        "mode": "processes",
+        "changes": n,
+        "p50_ms": percentile(&from_request, 0.5),
+        "p99_ms": percentile(&from_request, 0.99),
+        "from_edit_p50_ms": percentile(&from_edit, 0.5),
+        "from_edit_p99_ms": percentile(&from_edit, 0.99),
+        "http_ack_p50_ms": percentile(&ack, 0.5),
+    }))
+}
+
+/// The next `doc_updated` for `id` (from a peer if `remote`), as its `at_ns`.
+async fn next_event(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<(String, Option<String>, u64)>,
+    id: &str,
+    remote: bool,
+    i: usize,
+) -> Result<u64, String> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+            Ok(Some((doc, from, at))) if doc == id && from.is_some() == remote => return Ok(at),
+            Ok(Some(_)) => continue,
+            _ => return Err(format!("change {i} never arrived")),
+        }
+    }
 }
 
 /// (b) `docs` documents of 10 changes each created on A; time until a fresh B holds all.
@@ -454,6 +677,7 @@ pub async fn run(scenarios: &str, quick: bool) -> Vec<Value> {
     let mut out = Vec::new();
     let has = |c: char| scenarios.contains(c);
     if has('a') {
+        out.push(latency_processes(if quick { 100 } else { 500 }).await);
         out.push(latency(if quick { 100 } else { 500 }).await);
     }
     if has('b') {

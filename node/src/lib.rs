@@ -17,6 +17,7 @@ pub mod demo;
 pub mod network;
 pub mod node;
 pub mod store;
+pub mod wal;
 
 /// The libp2p this node is built on (its `PeerId` and `Multiaddr` are in the public API; test peers use it).
 pub use libp2p;

@@ -170,6 +170,10 @@ pub enum Event {
         kind: Kind,
         /// Peer enterprise it came from, if remote.
         from: Option<String>,
+        /// When the change was made here (local) or applied here (remote), on the
+        /// machine's monotonic clock in ns ([`mono_ns`]): processes on one machine can
+        /// compare these, which is how `cofab bench` measures one-way latency.
+        at_ns: u64,
     },
     /// A peer connected.
     PeerConnected {
@@ -361,6 +365,13 @@ pub struct NodeHandle {
     pub info: Arc<NodeInfo>,
     /// Counters.
     pub metrics: Arc<Metrics>,
+}
+
+/// The machine's monotonic clock (`CLOCK_MONOTONIC`) in ns: shared by every process on
+/// the machine, unlike [`Instant`], whose value cannot leave the process.
+pub fn mono_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
 fn now_ms() -> i64 {
@@ -767,13 +778,15 @@ impl EventLoop {
                 None => break,
             }
         }
-        let store = self.store.clone();
-        let _ = tokio::task::spawn_blocking(move || store.sync()).await;
-        // Stop the store thread and wait for it, so the store is closed when the task ends.
+        // Stop the store thread and wait for it (it finishes the groups it was given, such
+        // as received changes nobody waits for), then checkpoint: sled must never be
+        // flushed from two threads at once (sled 0.34 can then wait forever).
         self.store_tx = None;
         if let Some(t) = self.store_thread.take() {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
+        let store = self.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.sync()).await;
         let peers: Vec<PeerId> = self.peers.keys().copied().collect();
         for p in peers {
             let _ = self.swarm.disconnect_peer_id(p);
@@ -814,6 +827,7 @@ impl EventLoop {
                             doc: id.to_string(),
                             kind,
                             from: None,
+                            at_ns: mono_ns(),
                         });
                         self.pending.replies.push(Box::new(move |r| {
                             let _ = reply.send(r.map(|_| id));
@@ -833,6 +847,7 @@ impl EventLoop {
                             doc: doc.to_string(),
                             kind: d.genesis().kind,
                             from: None,
+                            at_ns: mono_ns(),
                         });
                     }
                     self.outputs(outs);
@@ -908,6 +923,7 @@ impl EventLoop {
                         doc: doc.to_string(),
                         kind,
                         from: Some(from.to_string()),
+                        at_ns: mono_ns(),
                     });
                 }
             }

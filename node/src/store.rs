@@ -6,10 +6,15 @@
 //! batch, then `flush()`es and `fsync`s the data file once, so that many
 //! concurrent writers share one durable commit (group commit).
 //!
-//! Durability: sled 0.34's `flush()` ends in `sync_file_range`, which neither
-//! commits metadata nor flushes the device cache, so after it the store also calls
-//! `fdatasync` on sled's data file. A write acknowledged to an API caller has been
-//! through both. Must not: know about automerge semantics beyond opaque bytes.
+//! Durability: a group is durable once its record is in the write-ahead log
+//! ([`crate::wal`]: one `pwrite` + `fdatasync`); sled receives the same inserts in
+//! memory. Groups that replace or delete (snapshots, compaction) go straight to sled.
+//! sled is made durable at checkpoints: sled 0.34's `flush()` ends in
+//! `sync_file_range`, which neither commits metadata nor flushes the device cache, so
+//! a checkpoint also calls `fdatasync` on sled's data file, and only then starts the
+//! log over. Opening the store replays the log. A write acknowledged to an API caller
+//! is in the log or checkpointed. Must not: know about automerge semantics beyond
+//! opaque bytes.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -18,6 +23,8 @@ use std::sync::Mutex;
 use automerge::ChangeHash;
 use cofab_protocol::document::Accepted;
 use cofab_protocol::{DocId, SignedGenesis};
+
+use crate::wal::{self, Insert, Wal};
 
 /// A store error.
 #[derive(Debug, thiserror::Error)]
@@ -73,17 +80,58 @@ pub struct StoredDoc {
     pub sigs: Vec<(ChangeHash, [u8; 64])>,
 }
 
-/// The sled store.
-pub struct Store {
+/// sled's handles, kept together so that closing them can be bounded (see [`Store`]'s `Drop`).
+struct Sled {
     db: sled::Db,
     genesis: sled::Tree,
     snapshots: sled::Tree,
     changes: sled::Tree,
     sigs: sled::Tree,
     settings: sled::Tree,
+}
+
+/// The sled store.
+pub struct Store {
+    sled: Option<Sled>,
     data_file: Mutex<Option<File>>,
+    wal: Mutex<Wal>,
+    /// Held around every sled flush: sled 0.34 can wait forever when two threads flush
+    /// one database at once (seen at shutdown in our tests; sled issue #1412).
+    flushing: Mutex<()>,
     path: PathBuf,
 }
+
+/// How long closing sled may take before the store gives up waiting for it.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Drop for Store {
+    /// sled 0.34 flushes every tree again when it is dropped, and that flush can wait
+    /// forever for a log position nobody writes (seen in our tests when a test's runtime
+    /// is torn down under load, even after a completed `sync()`; sled issue #1412 reports
+    /// the same wait). Every acknowledged write is already in the write-ahead log or
+    /// checkpointed, so the drop runs on its own thread and the store stops waiting for
+    /// it after [`CLOSE_WAIT`] instead of hanging its caller.
+    fn drop(&mut self) {
+        let Some(sled) = self.sled.take() else {
+            return;
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("sled-close".into())
+            .spawn(move || {
+                drop(sled);
+                let _ = tx.send(());
+            });
+        if spawned.is_ok() && rx.recv_timeout(CLOSE_WAIT).is_err() {
+            tracing::warn!("sled did not close within {CLOSE_WAIT:?}; its data was synced before");
+        }
+    }
+}
+
+const GENESIS: u8 = 0;
+const CHANGES: u8 = 2;
+const SIGS: u8 = 3;
+const SETTINGS: u8 = 4;
 
 impl Store {
     /// Opens (or creates) the store in `path`.
@@ -93,16 +141,48 @@ impl Store {
             .mode(sled::Mode::HighThroughput)
             .open()?;
         let data_file = File::open(path.join("db")).ok();
-        Ok(Self {
-            genesis: db.open_tree("genesis")?,
-            snapshots: db.open_tree("snapshots")?,
-            changes: db.open_tree("changes")?,
-            sigs: db.open_tree("sigs")?,
-            settings: db.open_tree("settings")?,
-            db,
+        let (wal, replay) = Wal::open(&wal_path(path))?;
+        let store = Self {
+            sled: Some(Sled {
+                genesis: db.open_tree("genesis")?,
+                snapshots: db.open_tree("snapshots")?,
+                changes: db.open_tree("changes")?,
+                sigs: db.open_tree("sigs")?,
+                settings: db.open_tree("settings")?,
+                db,
+            }),
             data_file: Mutex::new(data_file),
+            wal: Mutex::new(wal),
+            flushing: Mutex::new(()),
             path: path.to_path_buf(),
-        })
+        };
+        if !replay.is_empty() {
+            tracing::info!(inserts = replay.len(), "replaying the write-ahead log");
+        }
+        store.insert_all(&replay)?;
+        store.sync()?;
+        Ok(store)
+    }
+
+    fn s(&self) -> &Sled {
+        self.sled.as_ref().expect("open until dropped")
+    }
+
+    fn tree(&self, id: u8) -> Result<&sled::Tree, StoreError> {
+        match id {
+            GENESIS => Ok(&self.s().genesis),
+            CHANGES => Ok(&self.s().changes),
+            SIGS => Ok(&self.s().sigs),
+            SETTINGS => Ok(&self.s().settings),
+            _ => Err(StoreError::Corrupt(format!("log names unknown tree {id}"))),
+        }
+    }
+
+    fn insert_all(&self, inserts: &[Insert]) -> Result<(), StoreError> {
+        for i in inserts {
+            self.tree(i.tree)?.insert(&i.key, i.value.as_slice())?;
+        }
+        Ok(())
     }
 
     /// Applies a group of writes and makes them durable before returning.
@@ -111,6 +191,31 @@ impl Store {
     /// record each (length-prefixed blobs), not one key per change: far less for sled to
     /// write and flush when many small changes arrive together.
     pub fn apply(&self, writes: &[Write]) -> Result<(), StoreError> {
+        let replaces = writes.iter().any(|w| match w {
+            Write::Compact { .. } => true,
+            Write::Doc { accepted, .. } => accepted.snapshot.is_some(),
+            Write::Setting { .. } => false,
+        });
+        if replaces {
+            return self.apply_direct(writes);
+        }
+        let inserts = self.inserts_for(writes)?;
+        let payload = wal::encode(&inserts);
+        if !Wal::could_fit(payload.len()) {
+            return self.apply_direct(writes);
+        }
+        let mut log = self.wal.lock().expect("not poisoned");
+        if !log.fits(payload.len()) {
+            self.checkpoint(&mut log)?;
+        }
+        log.append(&payload)?;
+        drop(log);
+        self.insert_all(&inserts)
+    }
+
+    /// The sled inserts of a group without snapshots or compaction.
+    fn inserts_for(&self, writes: &[Write]) -> Result<Vec<Insert>, StoreError> {
+        let mut out = Vec::new();
         let mut changes: std::collections::BTreeMap<DocId, Vec<u8>> = Default::default();
         let mut sigs: std::collections::BTreeMap<DocId, Vec<u8>> = Default::default();
         for w in writes {
@@ -123,13 +228,71 @@ impl Store {
                     if let Some(g) = genesis {
                         let mut v = g.signature().to_vec();
                         v.extend_from_slice(g.bytes());
-                        self.genesis.insert(doc.as_bytes(), v)?;
+                        out.push(Insert {
+                            tree: GENESIS,
+                            key: doc.as_bytes().to_vec(),
+                            value: v,
+                        });
+                    }
+                    let blob = changes.entry(*doc).or_default();
+                    for c in &accepted.changes {
+                        blob.extend_from_slice(&(c.len() as u32).to_be_bytes());
+                        blob.extend_from_slice(c);
+                    }
+                    let sblob = sigs.entry(*doc).or_default();
+                    for (h, sig) in &accepted.sigs {
+                        sblob.extend_from_slice(h.as_ref());
+                        sblob.extend_from_slice(sig);
+                    }
+                }
+                Write::Setting { key, value } => out.push(Insert {
+                    tree: SETTINGS,
+                    key: key.as_bytes().to_vec(),
+                    value: value.clone(),
+                }),
+                Write::Compact { .. } => {
+                    return Err(StoreError::Corrupt("compaction is not logged".into()))
+                }
+            }
+        }
+        for (tree, blobs) in [(CHANGES, changes), (SIGS, sigs)] {
+            for (doc, blob) in blobs {
+                if blob.is_empty() {
+                    continue;
+                }
+                let mut key = doc.as_bytes().to_vec();
+                key.extend_from_slice(&self.s().db.generate_id()?.to_be_bytes());
+                out.push(Insert {
+                    tree,
+                    key,
+                    value: blob,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// A group that replaces or deletes records: written to sled and checkpointed.
+    fn apply_direct(&self, writes: &[Write]) -> Result<(), StoreError> {
+        let mut changes: std::collections::BTreeMap<DocId, Vec<u8>> = Default::default();
+        let mut sigs: std::collections::BTreeMap<DocId, Vec<u8>> = Default::default();
+        for w in writes {
+            match w {
+                Write::Doc {
+                    doc,
+                    genesis,
+                    accepted,
+                } => {
+                    if let Some(g) = genesis {
+                        let mut v = g.signature().to_vec();
+                        v.extend_from_slice(g.bytes());
+                        self.s().genesis.insert(doc.as_bytes(), v)?;
                     }
                     if let Some(s) = &accepted.snapshot {
                         // The snapshot holds every change so far, buffered ones included.
                         changes.remove(doc);
                         self.drop_changes(doc)?;
-                        self.snapshots.insert(doc.as_bytes(), s.as_slice())?;
+                        self.s().snapshots.insert(doc.as_bytes(), s.as_slice())?;
                     }
                     let blob = changes.entry(*doc).or_default();
                     for c in &accepted.changes {
@@ -147,22 +310,24 @@ impl Store {
                     // it already contains, which load applies idempotently. Changes buffered
                     // in this group are covered by the snapshot (taken after them).
                     changes.remove(doc);
-                    self.snapshots.insert(doc.as_bytes(), snapshot.as_slice())?;
+                    self.s()
+                        .snapshots
+                        .insert(doc.as_bytes(), snapshot.as_slice())?;
                     self.drop_changes(doc)?;
                 }
                 Write::Setting { key, value } => {
-                    self.settings.insert(key.as_bytes(), value.as_slice())?;
+                    self.s().settings.insert(key.as_bytes(), value.as_slice())?;
                 }
             }
         }
-        for (tree, blobs) in [(&self.changes, changes), (&self.sigs, sigs)] {
+        for (tree, blobs) in [(&self.s().changes, changes), (&self.s().sigs, sigs)] {
             let mut batch = sled::Batch::default();
             for (doc, blob) in blobs {
                 if blob.is_empty() {
                     continue;
                 }
                 let mut key = doc.as_bytes().to_vec();
-                key.extend_from_slice(&self.db.generate_id()?.to_be_bytes());
+                key.extend_from_slice(&self.s().db.generate_id()?.to_be_bytes());
                 batch.insert(key, blob);
             }
             tree.apply_batch(batch)?;
@@ -170,19 +335,35 @@ impl Store {
         self.sync()
     }
 
-    fn drop_changes(&self, doc: &DocId) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        for kv in self.changes.scan_prefix(doc.as_bytes()) {
-            batch.remove(kv?.0);
+    /// Makes sled durable, then starts the log over.
+    fn checkpoint(&self, log: &mut Wal) -> Result<(), StoreError> {
+        self.sync_sled()?;
+        if !log.is_empty() {
+            log.reset()?;
         }
-        self.changes.apply_batch(batch)?;
         Ok(())
     }
 
-    /// flush + fdatasync.
+    fn drop_changes(&self, doc: &DocId) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for kv in self.s().changes.scan_prefix(doc.as_bytes()) {
+            batch.remove(kv?.0);
+        }
+        self.s().changes.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Makes everything durable in sled (flush + fdatasync) and empties the log.
     pub fn sync(&self) -> Result<(), StoreError> {
+        let mut log = self.wal.lock().expect("not poisoned");
+        self.checkpoint(&mut log)
+    }
+
+    /// flush + fdatasync of sled's data file.
+    fn sync_sled(&self) -> Result<(), StoreError> {
+        let _one_at_a_time = self.flushing.lock().expect("not poisoned");
         let t = std::time::Instant::now();
-        self.db.flush()?;
+        self.s().db.flush()?;
         let flushed = t.elapsed();
         let mut f = self.data_file.lock().expect("not poisoned");
         if f.is_none() {
@@ -201,7 +382,8 @@ impl Store {
 
     /// Settings whose key starts with `prefix`.
     pub fn settings_with_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        self.settings
+        self.s()
+            .settings
             .scan_prefix(prefix.as_bytes())
             .map(|kv| {
                 kv.map(|(k, v)| (String::from_utf8_lossy(&k).to_string(), v.to_vec()))
@@ -213,7 +395,7 @@ impl Store {
     /// Every stored document.
     pub fn load_all(&self) -> Result<Vec<StoredDoc>, StoreError> {
         let mut out = Vec::new();
-        for kv in self.genesis.iter() {
+        for kv in self.s().genesis.iter() {
             let (k, v) = kv?;
             if v.len() < 64 {
                 return Err(StoreError::Corrupt("genesis record too short".into()));
@@ -221,9 +403,9 @@ impl Store {
             let sig: [u8; 64] = v[..64].try_into().expect("length checked");
             let genesis = SignedGenesis::from_parts(v[64..].to_vec(), sig)
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            let snapshot = self.snapshots.get(&k)?.map(|v| v.to_vec());
+            let snapshot = self.s().snapshots.get(&k)?.map(|v| v.to_vec());
             let mut changes = Vec::new();
-            for kv in self.changes.scan_prefix(&k) {
+            for kv in self.s().changes.scan_prefix(&k) {
                 let (_, blob) = kv?;
                 let mut rest = &blob[..];
                 while !rest.is_empty() {
@@ -239,7 +421,7 @@ impl Store {
                 }
             }
             let mut sigs = Vec::new();
-            for kv in self.sigs.scan_prefix(&k) {
+            for kv in self.s().sigs.scan_prefix(&k) {
                 let (_, blob) = kv?;
                 if blob.len() % 96 != 0 {
                     return Err(StoreError::Corrupt("signature record".into()));
@@ -261,8 +443,18 @@ impl Store {
         Ok(out)
     }
 
-    /// Bytes on disk.
+    /// Bytes on disk (sled's files; the log adds [`wal::WAL_BYTES`]).
     pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        self.s().db.size_on_disk().unwrap_or(0)
     }
+}
+
+/// Where the log of the store in `path` lives: beside sled's folder, not inside it.
+fn wal_path(path: &Path) -> PathBuf {
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_else(|| "store".into());
+    name.push(".wal");
+    path.with_file_name(name)
 }
