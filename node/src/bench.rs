@@ -21,6 +21,10 @@ struct BenchNode {
 }
 
 async fn start_node(name: &str) -> BenchNode {
+    start_node_with(name, true).await
+}
+
+async fn start_node_with(name: &str, kad_server: bool) -> BenchNode {
     let dir = tempfile::Builder::new()
         .prefix("cofab-bench-")
         .tempdir()
@@ -31,6 +35,7 @@ async fn start_node(name: &str) -> BenchNode {
         dir.path().join("store"),
     );
     cfg.tick = Duration::from_millis(250);
+    cfg.kad_server = kad_server;
     let node = Node::start(cfg).await.expect("node starts");
     BenchNode { node, _dir: dir }
 }
@@ -607,10 +612,13 @@ pub async fn sustained_handle(n: usize, conc: usize) -> Value {
 }
 
 /// (e) one public order posted on one node reaching `nodes` nodes; p50/p99 over `rounds`.
-pub async fn fan_out(nodes: usize, rounds: usize) -> Value {
+/// Each node dials three others. With `kad_server` every node is a Kademlia server (the
+/// default), and Kademlia's automatic bootstrap then meshes all of them; without, the
+/// nodes keep the dialled topology. Also reports the CPU the idle network burns.
+pub async fn fan_out(nodes: usize, rounds: usize, kad_server: bool) -> Value {
     let mut all = Vec::new();
     for i in 0..nodes {
-        all.push(start_node(&format!("n{i}")).await);
+        all.push(start_node_with(&format!("n{i}"), kad_server).await);
     }
     // Each node dials the next 3 (a ring with chords): a connected mesh, no full mesh.
     for i in 0..nodes {
@@ -623,6 +631,18 @@ pub async fn fan_out(nodes: usize, rounds: usize) -> Value {
         }
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
+    // CPU the idle network burns (heartbeats, pings, timers) over one second, once
+    // connections have settled.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let idle0 = cpu_s();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle_cpu = cpu_s() - idle0;
+    let mut links = 0;
+    for n in &all {
+        links += n.node.handle.read(|c| c.peers.len()).await.unwrap_or(0);
+    }
+    let peers_mean = links as f64 / nodes as f64;
+    let cpu0 = cpu_s();
     let mut samples = Vec::new();
     for r in 0..rounds {
         let input = OrderInput {
@@ -647,7 +667,8 @@ pub async fn fan_out(nodes: usize, rounds: usize) -> Value {
     }
     samples.sort_by(|x, y| x.partial_cmp(y).unwrap());
     stop(all).await;
-    json!({ "scenario": "e", "nodes": nodes, "rounds": rounds, "p50_ms": percentile(&samples, 0.5), "p99_ms": percentile(&samples, 0.99) })
+    let cpu = cpu_s() - cpu0;
+    json!({ "scenario": "e", "nodes": nodes, "rounds": rounds, "kademlia": if kad_server { "server" } else { "client" }, "idle_cpu_per_s": idle_cpu, "peers_mean": peers_mean, "cpu_s": cpu, "p50_ms": percentile(&samples, 0.5), "p99_ms": percentile(&samples, 0.99) })
 }
 
 /// (f) resident memory of this process holding `docs` small documents in one node.
@@ -694,7 +715,24 @@ pub async fn run(scenarios: &str, quick: bool) -> Vec<Value> {
         out.push(sustained_handle(if quick { 2_000 } else { 20_000 }, 64).await);
     }
     if has('e') {
-        out.push(fan_out(if quick { 10 } else { 50 }, if quick { 5 } else { 20 }).await);
+        // The operator's topology (each node dials 3 others), then the default where every
+        // node is a Kademlia server (discovery turns 50 nodes into a full mesh).
+        out.push(
+            fan_out(
+                if quick { 10 } else { 50 },
+                if quick { 5 } else { 20 },
+                false,
+            )
+            .await,
+        );
+        out.push(
+            fan_out(
+                if quick { 10 } else { 50 },
+                if quick { 5 } else { 20 },
+                true,
+            )
+            .await,
+        );
     }
     if has('f') {
         out.push(memory(if quick { 1_000 } else { 10_000 }).await);

@@ -104,6 +104,11 @@ pub struct NodeConfig {
     pub tick: Duration,
     /// Enterprises whose security alerts we act on: a peer they report is banned here.
     pub trust_alerts_from: std::collections::BTreeSet<EnterpriseId>,
+    /// Answer Kademlia queries (server mode; the default). A server is also put in its
+    /// peers' routing tables, and Kademlia's automatic bootstrap then connects a small
+    /// network into a full mesh. `false` (client mode) still queries bootstrap peers but
+    /// keeps the connections the operator made.
+    pub kad_server: bool,
     /// Most established connections in total.
     pub max_connections: u32,
 }
@@ -121,6 +126,7 @@ impl NodeConfig {
             fetch: FetchPolicy::default(),
             tick: Duration::from_millis(1000),
             trust_alerts_from: Default::default(),
+            kad_server: true,
             max_connections: network::MAX_CONNECTIONS,
         }
     }
@@ -519,6 +525,12 @@ impl Node {
         let mut swarm =
             network::build_swarm_with_limit(&config.key, config.mdns, config.max_connections)
                 .map_err(|e| NodeError::Start(e.to_string()))?;
+        if !config.kad_server {
+            swarm
+                .behaviour_mut()
+                .kad
+                .set_mode(Some(libp2p::kad::Mode::Client));
+        }
         let topic = gossipsub::IdentTopic::new(network::ANNOUNCE_TOPIC);
         swarm
             .behaviour_mut()
