@@ -117,6 +117,7 @@ impl From<NodeError> for ApiError {
                 ApiError::new(StatusCode::CONFLICT, format!("document is not a valid {s}"))
             }
             NodeError::Edit(EditError::Automerge(s)) => ApiError::new(StatusCode::BAD_REQUEST, s),
+            NodeError::Edit(EditError::WrongKind(kind)) => ApiError::not_found(kind),
             NodeError::Store(s) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("not stored: {s}"))
             }
@@ -241,6 +242,7 @@ pub fn router(node: NodeHandle, token: String) -> Router {
         .route("/api/v1/designs", post(post_design).get(list_designs))
         .route("/api/v1/designs/{id}", get(get_design))
         .route("/api/v1/designs/{id}/text", post(post_text))
+        .route("/api/v1/designs/{id}/text/batch", post(post_text_batch))
         .route("/api/v1/designs/{id}/parameters", post(post_parameter))
         .route("/api/v1/designs/{id}/comments", post(post_comment))
         .route("/api/v1/designs/{id}/releases", post(post_release))
@@ -371,10 +373,13 @@ async fn edit_doc(
         + 'static,
 ) -> Result<Json<Value>, ApiError> {
     let id = doc_id(id)?;
-    if let Some(kind) = kind {
-        ensure_kind(st, id, kind).await?;
-    }
-    st.node.edit(id, f).await?;
+    // The kind is checked inside the edit: one trip through the event loop per write.
+    st.node
+        .edit(id, move |d, kp, now| match kind {
+            Some(k) if d.genesis().kind != k => Err(EditError::WrongKind(k.as_str())),
+            _ => f(d, kp, now),
+        })
+        .await?;
     Ok(Json(json!({ "ok": true })))
 }
 
@@ -593,6 +598,26 @@ async fn post_text(
         model::splice_description(d, kp, now, &s)
     })
     .await
+}
+
+/// Several splices in one request, applied in order as one change each.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SplicesBody {
+    splices: Vec<Splice>,
+}
+
+async fn post_text_batch(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<SplicesBody>,
+) -> Result<Json<Value>, ApiError> {
+    let n = b.splices.len();
+    let _ = edit_doc(&st, &id, Some(Kind::Design), move |d, kp, now| {
+        model::splice_description_many(d, kp, now, &b.splices)
+    })
+    .await?;
+    Ok(Json(json!({ "ok": true, "changes": n })))
 }
 
 #[derive(Deserialize)]
@@ -1060,6 +1085,15 @@ pub fn openapi_doc() -> Value {
         "/api/v1/designs/{id}/text",
         "post",
         op("Splice the description text", Some("Splice"), "200"),
+    );
+    add(
+        "/api/v1/designs/{id}/text/batch",
+        "post",
+        op(
+            "Apply several splices in order (body {\"splices\": [Splice, ...]}, at most 10,000), one change each, one signature for the run; all or nothing",
+            None,
+            "200",
+        ),
     );
     add(
         "/api/v1/designs/{id}/parameters",

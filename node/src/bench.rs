@@ -508,7 +508,14 @@ type WriteOne = std::sync::Arc<dyn Fn() -> futures::future::BoxFuture<'static, (
 /// Drives (d)/(d′): two connected nodes, a design on A, and `n` one-character writes made
 /// by `conc` concurrent writers calling what `setup(a, design)` returns; acknowledged
 /// writes per second and the time until B holds them all.
-async fn sustained_run<S, Fut>(scenario: &str, n: usize, conc: usize, setup: S) -> Value
+/// Each write makes `per_write` changes; `n` is the total number of changes.
+async fn sustained_run<S, Fut>(
+    scenario: &str,
+    n: usize,
+    conc: usize,
+    per_write: usize,
+    setup: S,
+) -> Value
 where
     S: FnOnce(NodeHandle, DocId) -> Fut,
     Fut: std::future::Future<Output = WriteOne>,
@@ -529,9 +536,10 @@ where
     let write_one = setup(a.node.handle.clone(), id).await;
     let t0 = Instant::now();
     let mut tasks = Vec::new();
+    let writes = n / per_write;
     for w in 0..conc {
         let write_one = write_one.clone();
-        let count = n / conc + usize::from(w < n % conc);
+        let count = writes / conc + usize::from(w < writes % conc);
         tasks.push(tokio::spawn(async move {
             for _ in 0..count {
                 write_one().await;
@@ -547,20 +555,28 @@ where
     }
     let peer_s = t0.elapsed().as_secs_f64();
     stop(vec![a, b]).await;
-    json!({ "scenario": scenario, "changes": n, "writers": conc, "acked_per_s": n as f64 / ack_s, "peer_has_all_s": peer_s, "end_to_end_per_s": n as f64 / peer_s })
+    json!({ "scenario": scenario, "changes": n, "writers": conc, "changes_per_request": per_write, "acked_per_s": n as f64 / ack_s, "peer_has_all_s": peer_s, "end_to_end_per_s": n as f64 / peer_s })
 }
 
-/// (d) `n` small changes to one document through the HTTP API with `conc` concurrent clients.
-pub async fn sustained(n: usize, conc: usize) -> Value {
-    sustained_run("d", n, conc, |handle, id| async move {
+/// (d) `n` small changes to one document through the HTTP API with `conc` concurrent
+/// clients, `per_request` changes per request (1: `POST .../text`; more:
+/// `POST .../text/batch`, each splice still its own change).
+pub async fn sustained(n: usize, conc: usize, per_request: usize) -> Value {
+    sustained_run("d", n, conc, per_request, |handle, id| async move {
         let token = "bench-token".to_string();
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
             .await
             .unwrap();
         let url = format!(
-            "http://{}/api/v1/designs/{id}/text",
-            listener.local_addr().unwrap()
+            "http://{}/api/v1/designs/{id}/text{}",
+            listener.local_addr().unwrap(),
+            if per_request > 1 { "/batch" } else { "" }
         );
+        let body = if per_request > 1 {
+            json!({ "splices": vec![json!({ "pos": 0, "insert": "x" }); per_request] })
+        } else {
+            json!({ "pos": 0, "insert": "x" })
+        };
         let app = crate::api::router(handle, token.clone());
         tokio::spawn(async move {
             let nodelay = axum::serve::ListenerExt::tap_io(listener, |tcp| {
@@ -571,11 +587,12 @@ pub async fn sustained(n: usize, conc: usize) -> Value {
         let client = reqwest::Client::new();
         let write: WriteOne = std::sync::Arc::new(move || {
             let (client, url, token) = (client.clone(), url.clone(), token.clone());
+            let body = body.clone();
             Box::pin(async move {
                 let r = client
                     .post(&url)
                     .bearer_auth(&token)
-                    .json(&json!({ "pos": 0, "insert": "x" }))
+                    .json(&body)
                     .send()
                     .await
                     .unwrap();
@@ -590,7 +607,7 @@ pub async fn sustained(n: usize, conc: usize) -> Value {
 /// (d′) the same through the node's Rust API (`NodeHandle::edit`) with `conc` concurrent
 /// callers: what the node accepts without HTTP in the way.
 pub async fn sustained_handle(n: usize, conc: usize) -> Value {
-    sustained_run("d'", n, conc, |handle, id| async move {
+    sustained_run("d'", n, conc, 1, |handle, id| async move {
         let write: WriteOne = std::sync::Arc::new(move || {
             let h = handle.clone();
             Box::pin(async move {
@@ -711,7 +728,8 @@ pub async fn run(scenarios: &str, quick: bool) -> Vec<Value> {
         }
     }
     if has('d') {
-        out.push(sustained(if quick { 2_000 } else { 20_000 }, 32).await);
+        out.push(sustained(if quick { 2_000 } else { 20_000 }, 32, 1).await);
+        out.push(sustained(if quick { 2_000 } else { 20_000 }, 8, 100).await);
         out.push(sustained_handle(if quick { 2_000 } else { 20_000 }, 64).await);
     }
     if has('e') {

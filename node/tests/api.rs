@@ -249,6 +249,48 @@ async fn capacity_designs_docs_metrics_and_openapi() {
         )
         .await;
     assert_eq!((s, v["field"].as_str()), (400, Some("pos")), "{v}");
+    // several splices in one request: applied in order, all or nothing
+    let (s, v) = a
+        .call(
+            "POST",
+            &format!("/api/v1/designs/{id}/text/batch"),
+            Some(r#"{"splices": [{"pos": 0, "insert": "A"}, {"pos": 1, "insert": "B"}]}"#),
+        )
+        .await;
+    assert_eq!((s, v["changes"].as_u64()), (200, Some(2)), "{v}");
+    let (s, v) = a
+        .call(
+            "POST",
+            &format!("/api/v1/designs/{id}/text/batch"),
+            Some(r#"{"splices": [{"pos": 0, "insert": "C"}, {"pos": 999, "insert": "D"}]}"#),
+        )
+        .await;
+    assert_eq!((s, v["field"].as_str()), (400, Some("splices")), "{v}");
+    let (s, v) = a
+        .call(
+            "POST",
+            &format!("/api/v1/designs/{id}/text/batch"),
+            Some(r#"{"splices": [{"pos": 0, "insrt": "C"}]}"#),
+        )
+        .await;
+    assert_eq!(s, 400, "{v}");
+    assert!(v["error"].as_str().unwrap_or("").contains("insrt"), "{v}");
+    let (_, d) = a.call("GET", &format!("/api/v1/designs/{id}"), None).await;
+    assert_eq!(
+        d["description"], "ABwallthickness  2 mm",
+        "the refused run left nothing"
+    );
+    // a design route given an order id: 404 naming the kind, nothing written
+    let (_, o) = a.call("POST", "/api/v1/orders", Some(ORDER)).await;
+    let oid = o["id"].as_str().unwrap().to_string();
+    let (s, v) = a
+        .call(
+            "POST",
+            &format!("/api/v1/designs/{oid}/text/batch"),
+            Some(r#"{"splices": [{"pos": 0, "insert": "x"}]}"#),
+        )
+        .await;
+    assert_eq!(s, 404, "{v}");
     // attachments: stored content-addressed, read back byte for byte; the size limit at its edge
     let file: Vec<u8> = (0..cofab_protocol::model::MAX_ATTACHMENT_BYTES)
         .map(|i| (i % 251) as u8)
@@ -317,7 +359,7 @@ async fn capacity_designs_docs_metrics_and_openapi() {
     let text = r.text().await.unwrap();
     for m in [
         "cofab_peers",
-        "cofab_documents 2",
+        "cofab_documents 3", // capacity, design, and the order used for the kind check
         "cofab_changes_local_total",
         "cofab_sync_latency_seconds_bucket",
         "cofab_store_bytes",

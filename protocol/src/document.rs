@@ -308,15 +308,7 @@ impl Document {
         );
         if let Err(v) = checked {
             // Roll back by rebuilding without the change. Rare: typed edits pre-check their intent.
-            let keep: Vec<Change> = self
-                .doc
-                .get_changes(&[])
-                .into_iter()
-                .filter(|c| c.hash() != hash)
-                .collect();
-            let mut d = Automerge::new();
-            d.apply_changes(keep).expect("re-applying our own changes");
-            self.doc = d;
+            self.drop_local(&[hash]);
             return Err(v.into());
         }
         self.paths.extend(fresh);
@@ -331,6 +323,88 @@ impl Document {
                 snapshot: None,
             },
         ))
+    }
+
+    /// Rebuilds the automerge state without some of our own just-made changes.
+    fn drop_local(&mut self, hashes: &[ChangeHash]) {
+        let drop: HashSet<&ChangeHash> = hashes.iter().collect();
+        let keep: Vec<Change> = self
+            .doc
+            .get_changes(&[])
+            .into_iter()
+            .filter(|c| !drop.contains(&c.hash()))
+            .collect();
+        let mut d = Automerge::new();
+        d.apply_changes(keep).expect("re-applying our own changes");
+        self.doc = d;
+    }
+
+    /// Makes `n` local changes in a row as `author`, one per call of `f` (each committed
+    /// and rule-checked like [`Self::edit`]). Only the last change, and any whose seq is a
+    /// multiple of [`CHECKPOINT`], is signed: the last signature covers the others
+    /// through the author's hash chain, exactly as for a received batch. All or nothing.
+    pub fn edit_many<T>(
+        &mut self,
+        author: &Keypair,
+        now_ms: i64,
+        n: usize,
+        mut f: impl FnMut(usize, &mut Transaction<'_>) -> Result<T, EditError>,
+    ) -> Result<(Vec<T>, Accepted), EditError> {
+        let me = author.id();
+        let message = self.id().to_string();
+        self.doc.set_actor(me.actor());
+        let mut outs = Vec::with_capacity(n);
+        let mut made: Vec<(ChangeHash, Vec<u8>)> = Vec::new();
+        let mut fresh = rules::PathCache::default();
+        for i in 0..n {
+            let mut tx = self.doc.transaction();
+            let out = match f(i, &mut tx) {
+                Ok(v) => v,
+                Err(e) => {
+                    tx.rollback();
+                    let hashes: Vec<ChangeHash> = made.iter().map(|(h, _)| *h).collect();
+                    if !hashes.is_empty() {
+                        self.drop_local(&hashes);
+                    }
+                    return Err(e);
+                }
+            };
+            let opts = CommitOptions::default()
+                .with_message(message.clone())
+                .with_time(now_ms / 1000);
+            let (hash, _) = tx.commit_with(opts);
+            outs.push(out);
+            let Some(hash) = hash else { continue };
+            let change = self.doc.get_last_local_change().expect("just committed");
+            made.push((hash, change.raw_bytes().to_vec()));
+            let checked = rules::check_change(
+                &self.doc,
+                self.genesis.genesis(),
+                &change,
+                &self.paths,
+                &mut fresh,
+            );
+            if let Err(v) = checked {
+                let hashes: Vec<ChangeHash> = made.iter().map(|(h, _)| *h).collect();
+                self.drop_local(&hashes);
+                return Err(v.into());
+            }
+        }
+        self.paths.extend(fresh);
+        let chain = self.chains.entry(me).or_default();
+        let mut acc = Accepted::default();
+        let last = made.len();
+        for (k, (hash, raw)) in made.into_iter().enumerate() {
+            chain.push(hash);
+            let seq = chain.len() as u64;
+            if k + 1 == last || seq % CHECKPOINT == 0 {
+                let sig = author.sign_change(&self.genesis.id(), &hash).to_bytes();
+                self.sigs.insert(hash, sig);
+                acc.sigs.push((hash, sig));
+            }
+            acc.changes.push(raw);
+        }
+        Ok((outs, acc))
     }
 
     /// Verifies and applies a batch of received changes. All or nothing.

@@ -227,6 +227,10 @@ pub enum EditError {
     /// The document does not have the expected structure.
     #[error("document is not a valid {0}")]
     Schema(&'static str),
+    /// The document is of another kind than the one asked for (e.g. a design id
+    /// given to an order route).
+    #[error("document is not a {0}")]
+    WrongKind(&'static str),
     /// automerge error.
     #[error("automerge: {0}")]
     Automerge(String),

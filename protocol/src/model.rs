@@ -1212,6 +1212,49 @@ pub fn splice_description(
     Ok(acc)
 }
 
+/// Most splices in one [`splice_description_many`] call.
+pub const MAX_SPLICES_PER_CALL: usize = 10_000;
+
+/// Applies several splices to a design's description in order, each its own change
+/// (so peers see the same history as from one call per splice), with one signature for
+/// the run. All or nothing: a splice that does not fit refuses the whole run, naming it.
+pub fn splice_description_many(
+    doc: &mut Document,
+    author: &Keypair,
+    now_ms: i64,
+    splices: &[Splice],
+) -> Result<Accepted, EditError> {
+    if splices.is_empty() {
+        return Err(invalid("splices", "empty"));
+    }
+    if splices.len() > MAX_SPLICES_PER_CALL {
+        return Err(invalid(
+            "splices",
+            format!("more than {MAX_SPLICES_PER_CALL} in one call"),
+        ));
+    }
+    if splices.iter().any(|s| s.insert.len() > MAX_TEXT * 64) {
+        return Err(invalid("splices.insert", "too long"));
+    }
+    let (_, acc) = doc.edit_many(author, now_ms, splices.len(), |i, tx| {
+        let s = &splices[i];
+        let t = match tx.get(ROOT, "description")? {
+            Some((Value::Object(ObjType::Text), id)) => id,
+            _ => return Err(EditError::Schema("design")),
+        };
+        let len = tx.length(&t);
+        if s.pos > len || s.pos + s.delete > len {
+            return Err(invalid(
+                "splices",
+                format!("splice {i} reaches beyond the end of the text ({len})"),
+            ));
+        }
+        tx.splice_text(&t, s.pos, s.delete as isize, &s.insert)?;
+        Ok(())
+    })?;
+    Ok(acc)
+}
+
 /// Sets a named design parameter.
 pub fn set_parameter(
     doc: &mut Document,

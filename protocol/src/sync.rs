@@ -257,18 +257,24 @@ impl Replica {
         T: EditResult,
     {
         let doc = self.docs.get_mut(id).ok_or(ReplicaError::NotFound(*id))?;
+        let before = doc.clock();
         let value = f(doc, &self.me, now_ms)?;
         let accepted = value.accepted().clone();
         if accepted.is_empty() {
             return Ok((value, Vec::new()));
         }
         self.stats.changes_local += accepted.changes.len() as u64;
+        let peers: Vec<EnterpriseId> = self.connected.iter().copied().collect();
+        let sends: Vec<Output> = peers
+            .into_iter()
+            .filter_map(|p| self.message_with(p, *id, false, Some((&before, &accepted))))
+            .collect();
         let mut out = vec![Output::Persist {
             doc: *id,
             genesis: None,
             accepted,
         }];
-        out.extend(self.offer(*id));
+        out.extend(sends);
         Ok((value, out))
     }
 
@@ -320,6 +326,20 @@ impl Replica {
     /// Builds the next message for (peer, doc), or `None` if there is nothing to say.
     /// `hello` forces a message (session start, tick).
     fn message_for(&mut self, peer: EnterpriseId, id: DocId, hello: bool) -> Option<Output> {
+        self.message_with(peer, id, hello, None)
+    }
+
+    /// [`Self::message_for`], given what a local edit just added (`fresh`: our clock
+    /// before the edit, and the edit's changes): a peer assumed to hold exactly the
+    /// clock before gets those changes as they are, without rebuilding them from the
+    /// document (automerge re-encodes every change it is asked for).
+    fn message_with(
+        &mut self,
+        peer: EnterpriseId,
+        id: DocId,
+        hello: bool,
+        fresh: Option<(&Clock, &Accepted)>,
+    ) -> Option<Output> {
         let doc = self.docs.get(&id)?;
         if doc.is_empty() && !doc.may_hold(&self.me.id()) {
             // Offered to us by a member that added us after the genesis: wait for the content.
@@ -350,6 +370,12 @@ impl Replica {
                 session.assumed = covered;
                 Payload::Changes(batch)
             }
+        } else if let Some((_, acc)) = fresh.filter(|(b, _)| session.assumed == **b) {
+            session.assumed = ours.clone();
+            Payload::Changes(crate::document::ChangeBatch {
+                changes: acc.changes.clone(),
+                sigs: acc.sigs.clone(),
+            })
         } else {
             let (batch, _, covered) = doc.missing_for(&session.assumed, CHUNK_BYTES);
             if batch.changes.is_empty() {

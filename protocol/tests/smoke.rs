@@ -139,3 +139,64 @@ fn large_design_syncs_by_snapshot_and_restart_keeps_it() {
     let vb2 = model::design_view(net.nodes[b].replica.doc(&id).unwrap()).unwrap();
     assert_eq!(vb, vb2);
 }
+
+/// A run of splices is one change per splice with one signature for the run (plus
+/// checkpoints); a fresh peer verifies it through the hash chain; a bad splice in the
+/// middle refuses the whole run and leaves the document as it was.
+#[test]
+fn spliced_runs_are_signed_once_and_verified_by_peers() {
+    use cofab_protocol::model::{DesignInput, Splice};
+    use cofab_protocol::{Document, Keypair};
+    let kp = Keypair::from_secret([9; 32]);
+    let input = DesignInput {
+        title: "run".into(),
+        ..Default::default()
+    };
+    let (mut doc, _) = model::create_design(&kp, &input, 0, 1).unwrap();
+    let splices: Vec<Splice> = (0..1500)
+        .map(|i| Splice {
+            pos: i,
+            delete: 0,
+            insert: "x".into(),
+        })
+        .collect();
+    let acc = model::splice_description_many(&mut doc, &kp, 0, &splices).unwrap();
+    assert_eq!(acc.changes.len(), 1500);
+    // The genesis change is seq 1, so the run holds seq 2..=1501: the checkpoint at
+    // seq 1024 and the run's last change are signed, nothing else.
+    assert_eq!(
+        acc.sigs.len(),
+        2,
+        "one signature for the run plus one checkpoint"
+    );
+    assert_eq!(model::design_view(&doc).unwrap().description.len(), 1500);
+
+    let mut peer = Document::new(doc.signed_genesis().clone());
+    let batch = doc.missing_for(&Default::default(), usize::MAX).0;
+    peer.ingest(batch).expect("a peer accepts the run");
+    assert_eq!(peer.heads(), doc.heads());
+
+    // Tamper: drop the run's signatures and the peer refuses it.
+    let mut unsigned = doc.missing_for(&Default::default(), usize::MAX).0;
+    unsigned.sigs.clear();
+    let mut peer2 = Document::new(doc.signed_genesis().clone());
+    assert!(peer2.ingest(unsigned).is_err());
+
+    let heads = doc.heads();
+    let bad = vec![
+        Splice {
+            pos: 0,
+            delete: 0,
+            insert: "y".into(),
+        },
+        Splice {
+            pos: 999_999,
+            delete: 0,
+            insert: "z".into(),
+        },
+    ];
+    let err = model::splice_description_many(&mut doc, &kp, 0, &bad).unwrap_err();
+    assert!(err.to_string().contains("splice 1"), "{err}");
+    assert_eq!(doc.heads(), heads, "a refused run leaves nothing behind");
+    assert_eq!(model::design_view(&doc).unwrap().description.len(), 1500);
+}
