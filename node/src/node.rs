@@ -759,8 +759,18 @@ impl EventLoop {
                     }
                 }
                 done = self.store_done.recv() => {
-                    if let Some((id, r)) = done {
-                        self.durable(id, r);
+                    match done {
+                        Some((id, r)) => self.durable(id, r),
+                        None => {
+                            // The store thread is gone (it panicked): nothing more can be made
+                            // durable, so fail what waits and stop rather than spin on a
+                            // closed channel.
+                            tracing::error!("store thread stopped; stopping the node");
+                            while let Some((_, p, _)) = self.awaiting.pop_front() {
+                                self.release(p, Err("store thread stopped".into()));
+                            }
+                            break;
+                        }
                     }
                 }
                 ev = self.swarm.select_next_some() => {

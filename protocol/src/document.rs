@@ -630,7 +630,14 @@ impl Document {
             }
         }
         verify_sigs(&self.id(), &to_verify)?;
-        let sorted = topo_sort(fresh);
+        let sorted = if by_author.len() == 1 {
+            // One author: its chain (checked above, seq by seq) is already a causal order.
+            let order = by_author.into_values().next().unwrap_or_default();
+            let mut slots: Vec<Option<C>> = fresh.into_iter().map(Some).collect();
+            order.into_iter().filter_map(|i| slots[i].take()).collect()
+        } else {
+            topo_sort(fresh)
+        };
         Ok((
             sorted,
             to_verify.into_iter().map(|(_, h, s)| (h, s)).collect(),
