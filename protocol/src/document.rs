@@ -280,49 +280,13 @@ impl Document {
         now_ms: i64,
         f: impl FnOnce(&mut Transaction<'_>) -> Result<T, EditError>,
     ) -> Result<(T, Accepted), EditError> {
-        let me = author.id();
-        let opts = CommitOptions::default()
-            .with_message(self.id().to_string())
-            .with_time(now_ms / 1000);
-        self.doc.set_actor(me.actor());
-        let mut tx = self.doc.transaction();
-        let out = match f(&mut tx) {
-            Ok(v) => v,
-            Err(e) => {
-                tx.rollback();
-                return Err(e);
-            }
-        };
-        let (hash, _) = tx.commit_with(opts);
-        let Some(hash) = hash else {
-            return Ok((out, Accepted::default()));
-        };
-        let change = self.doc.get_last_local_change().expect("just committed");
-        let mut fresh = rules::PathCache::default();
-        let checked = rules::check_change(
-            &self.doc,
-            self.genesis.genesis(),
-            &change,
-            &self.paths,
-            &mut fresh,
-        );
-        if let Err(v) = checked {
-            // Roll back by rebuilding without the change. Rare: typed edits pre-check their intent.
-            self.drop_local(&[hash]);
-            return Err(v.into());
-        }
-        self.paths.extend(fresh);
-        let sig = author.sign_change(&self.id(), &hash).to_bytes();
-        self.sigs.insert(hash, sig);
-        self.chains.entry(me).or_default().push(hash);
-        Ok((
-            out,
-            Accepted {
-                changes: vec![change.raw_bytes().to_vec()],
-                sigs: vec![(hash, sig)],
-                snapshot: None,
-            },
-        ))
+        let mut f = Some(f);
+        let (mut outs, acc) = self.edit_many(author, now_ms, 1, |_, tx| match f.take() {
+            Some(f) => f(tx),
+            None => unreachable!("edit_many calls f once for n = 1"),
+        })?;
+        let out = outs.pop().expect("one result for n = 1");
+        Ok((out, acc))
     }
 
     /// Rebuilds the automerge state without some of our own just-made changes.
@@ -391,8 +355,11 @@ impl Document {
             }
         }
         self.paths.extend(fresh);
-        let chain = self.chains.entry(me).or_default();
         let mut acc = Accepted::default();
+        if made.is_empty() {
+            return Ok((outs, acc));
+        }
+        let chain = self.chains.entry(me).or_default();
         let last = made.len();
         for (k, (hash, raw)) in made.into_iter().enumerate() {
             chain.push(hash);
