@@ -291,3 +291,69 @@ async fn attachments_sync_between_nodes() {
     assert_eq!(got.0, "model/step");
     assert!(got.1 == file, "attachment bytes differ");
 }
+
+/// A node returning after many documents changed gets them all: frames of many change
+/// batches for distinct documents are verified on two threads before they are applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn returning_node_catches_up_on_many_documents() {
+    let mut nodes = start_net("many", 2).await;
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let input = OrderInput {
+            title: format!("part {i}"),
+            quantity: 10,
+            visibility: Visibility::Public,
+            ..Default::default()
+        };
+        ids.push(
+            nodes[0]
+                .handle()
+                .create(move |kp, now, nonce| model::create_order(kp, &input, now, nonce))
+                .await
+                .unwrap(),
+        );
+    }
+    for id in &ids {
+        wait_converged(&[&nodes[0], &nodes[1]], *id).await;
+    }
+    let b = nodes.pop().unwrap();
+    b.handle().shutdown().await;
+    let _ = b.node.task.await;
+    for id in &ids {
+        for j in 0..3 {
+            nodes[0]
+                .handle()
+                .edit(*id, move |d, kp, now| {
+                    model::comment(d, kp, now, &format!("note {j}"))
+                })
+                .await
+                .unwrap();
+        }
+    }
+    let b = TestNode {
+        node: cofab_node::Node::start(config(b.key.clone(), &b.name, b.dir.path()))
+            .await
+            .unwrap(),
+        dir: b.dir,
+        key: b.key,
+        name: b.name,
+    };
+    connect(&b, &nodes[0]).await;
+    for id in &ids {
+        wait_converged(&[&nodes[0], &b], *id).await;
+    }
+    let comments = b
+        .handle()
+        .read({
+            let ids = ids.clone();
+            move |c| {
+                ids.iter()
+                    .filter_map(|id| model::order_view(c.replica.doc(id)?))
+                    .map(|v| v.discussion.len())
+                    .sum::<usize>()
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(comments, 40 * 3);
+}

@@ -1154,8 +1154,10 @@ impl EventLoop {
                     match Frame::decode(&request) {
                         Ok(Frame::Sync(msgs)) => {
                             let now = now_ms();
-                            for m in merge_runs(msgs) {
-                                let outs = self.replica.receive(from, m, now);
+                            let msgs = merge_runs(msgs);
+                            let prepared = prepare_frame(&self.replica, &msgs);
+                            for (m, p) in msgs.into_iter().zip(prepared) {
+                                let outs = self.replica.receive_prepared(from, m, now, p);
                                 self.outputs(outs);
                             }
                         }
@@ -1523,6 +1525,61 @@ impl EventLoop {
         self.pump(peer);
         Some(t)
     }
+}
+
+/// Frames with fewer messages carrying changes than this are verified on the event loop alone.
+const PARALLEL_MIN_MESSAGES: usize = 8;
+
+/// Verifies the changes of a frame's messages on two threads (the event loop's and one
+/// more) before they are applied in order: a peer catching up on many documents sends
+/// frames of hundreds of small batches, and verifying them (signatures, parsing, rules)
+/// was one core's work while the other idled. Only messages about distinct documents are
+/// prepared (a second message about a document depends on the first); the rest, and any
+/// whose document changed meanwhile, are verified when applied, as before.
+fn prepare_frame(
+    replica: &Replica,
+    msgs: &[SyncMessage],
+) -> Vec<Option<cofab_protocol::document::Prepared>> {
+    use cofab_protocol::wire::Payload;
+    let mut count: HashMap<DocId, usize> = HashMap::new();
+    for m in msgs {
+        *count.entry(m.doc).or_default() += 1;
+    }
+    let eligible: Vec<usize> = msgs
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| matches!(m.payload, Payload::Changes(_)) && count[&m.doc] == 1)
+        .map(|(i, _)| i)
+        .collect();
+    let mut out: Vec<Option<cofab_protocol::document::Prepared>> =
+        msgs.iter().map(|_| None).collect();
+    if eligible.len() < PARALLEL_MIN_MESSAGES {
+        return out;
+    }
+    let (left, right) = eligible.split_at(eligible.len() / 2);
+    let other = std::thread::scope(|scope| {
+        let worker = scope.spawn(|| {
+            right
+                .iter()
+                .map(|&i| (i, replica.prepare(&msgs[i])))
+                .collect::<Vec<_>>()
+        });
+        for &i in left {
+            out[i] = replica.prepare(&msgs[i]);
+        }
+        worker.join()
+    });
+    match other {
+        Ok(done) => {
+            for (i, p) in done {
+                out[i] = p;
+            }
+        }
+        // A panic while preparing: leave those messages to the normal path (which
+        // catches automerge's panics and reports them as refusals).
+        Err(_) => tracing::error!("preparing a frame panicked; verifying on the event loop"),
+    }
+    out
 }
 
 /// Merges consecutive messages about the same document that carry changes into one:

@@ -60,6 +60,23 @@ impl Accepted {
     }
 }
 
+/// A batch verified against a document and ready to be applied, or its refusal
+/// ([`Document::prepare`]).
+pub struct Prepared {
+    /// Heads of the document it was prepared from.
+    base: Vec<ChangeHash>,
+    /// `Ok(None)`: nothing new in the batch.
+    result: Result<Option<Box<Ready>>, IngestError>,
+}
+
+struct Ready {
+    doc: Automerge,
+    paths: rules::PathCache,
+    order: Vec<(EnterpriseId, ChangeHash)>,
+    raw: Vec<Vec<u8>>,
+    verified: Vec<(ChangeHash, [u8; 64])>,
+}
+
 /// A document with its genesis, automerge state and signatures.
 #[derive(Clone)]
 pub struct Document {
@@ -376,6 +393,22 @@ impl Document {
 
     /// Verifies and applies a batch of received changes. All or nothing.
     pub fn ingest(&mut self, batch: ChangeBatch) -> Result<Accepted, IngestError> {
+        let prepared = self.prepare(&batch);
+        self.commit_prepared(prepared)
+    }
+
+    /// Everything [`Self::ingest`] does short of changing the document: parse, verify
+    /// (binding, replay, chain, signatures) and rule-check on a copy. Takes `&self`, so
+    /// batches for different documents can be prepared on several threads; the result
+    /// is applied with [`Self::commit_prepared`] while [`Self::is_current`] holds.
+    pub fn prepare(&self, batch: &ChangeBatch) -> Prepared {
+        Prepared {
+            base: self.doc.get_heads(),
+            result: self.prepare_inner(batch),
+        }
+    }
+
+    fn prepare_inner(&self, batch: &ChangeBatch) -> Result<Option<Box<Ready>>, IngestError> {
         if batch.changes.len() > MAX_CHANGES_PER_BATCH {
             return Err(IngestError::TooLarge(format!(
                 "{} changes",
@@ -384,8 +417,8 @@ impl Document {
         }
         let mut seen = HashSet::new();
         let mut fresh = Vec::new();
-        for bytes in batch.changes {
-            let c = catch(|| Change::from_bytes(bytes))
+        for bytes in &batch.changes {
+            let c = catch(|| Change::from_bytes(bytes.clone()))
                 .map_err(IngestError::MalformedChange)?
                 .map_err(|e| IngestError::MalformedChange(e.to_string()))?;
             let h = c.hash();
@@ -395,26 +428,18 @@ impl Document {
             fresh.push(c);
         }
         if fresh.is_empty() {
-            return Ok(Accepted::default());
+            return Ok(None);
         }
-        let sigs: HashMap<ChangeHash, [u8; 64]> = batch.sigs.into_iter().collect();
+        let sigs: HashMap<ChangeHash, [u8; 64]> = batch.sigs.iter().copied().collect();
         let (sorted, verified) = self.verify_fresh(fresh, &sigs, true)?;
         let mut scratch = self.doc.clone();
         catch(|| scratch.apply_changes(sorted.clone()))
             .map_err(IngestError::Apply)?
             .map_err(|e| IngestError::Apply(e.to_string()))?;
-        let mut fresh_paths = rules::PathCache::default();
+        let mut paths = rules::PathCache::default();
         for c in &sorted {
-            rules::check_change(
-                &scratch,
-                self.genesis.genesis(),
-                c,
-                &self.paths,
-                &mut fresh_paths,
-            )?;
+            rules::check_change(&scratch, self.genesis.genesis(), c, &self.paths, &mut paths)?;
         }
-        self.doc = scratch;
-        self.paths.extend(fresh_paths);
         let order = sorted
             .iter()
             .map(|c| {
@@ -425,6 +450,35 @@ impl Document {
             })
             .collect();
         let raw = sorted.iter().map(|c| c.raw_bytes().to_vec()).collect();
+        Ok(Some(Box::new(Ready {
+            doc: scratch,
+            paths,
+            order,
+            raw,
+            verified,
+        })))
+    }
+
+    /// Whether `prepared` was made from this document as it is now.
+    pub fn is_current(&self, prepared: &Prepared) -> bool {
+        prepared.base == self.doc.get_heads()
+    }
+
+    /// Applies what [`Self::prepare`] verified (or returns its refusal). The caller
+    /// checked [`Self::is_current`].
+    pub fn commit_prepared(&mut self, prepared: Prepared) -> Result<Accepted, IngestError> {
+        let Some(r) = prepared.result? else {
+            return Ok(Accepted::default());
+        };
+        let Ready {
+            doc,
+            paths,
+            order,
+            raw,
+            verified,
+        } = *r;
+        self.doc = doc;
+        self.paths.extend(paths);
         Ok(self.commit_verified(order, raw, verified, None))
     }
 

@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::doc::{DocId, Kind, SignedGenesis};
-use crate::document::{Accepted, Clock, Document};
+use crate::document::{Accepted, Clock, Document, Prepared};
 use crate::error::{EditError, GenesisError, IngestError};
 use crate::identity::{EnterpriseId, Keypair};
 use crate::wire::{Payload, SyncMessage};
@@ -411,8 +411,31 @@ impl Replica {
         })
     }
 
+    /// Verifies the changes a message carries against the document as it is now,
+    /// without changing anything (`&self`: the node prepares the messages of one frame
+    /// on several threads, then hands each to [`Self::receive_prepared`] in order).
+    /// `None` when the message carries no changes for a document we hold.
+    pub fn prepare(&self, msg: &SyncMessage) -> Option<Prepared> {
+        match &msg.payload {
+            Payload::Changes(batch) => Some(self.docs.get(&msg.doc)?.prepare(batch)),
+            _ => None,
+        }
+    }
+
     /// Handles a sync message from a connected peer. `now_ms` is the caller's clock.
     pub fn receive(&mut self, from: EnterpriseId, msg: SyncMessage, now_ms: i64) -> Vec<Output> {
+        self.receive_prepared(from, msg, now_ms, None)
+    }
+
+    /// [`Self::receive`] with the message's changes already prepared by [`Self::prepare`];
+    /// used only if the document has not changed since (otherwise verified again here).
+    pub fn receive_prepared(
+        &mut self,
+        from: EnterpriseId,
+        msg: SyncMessage,
+        now_ms: i64,
+        prepared: Option<Prepared>,
+    ) -> Vec<Output> {
         self.stats.messages_received += 1;
         let id = msg.doc;
         let mut out = Vec::new();
@@ -499,7 +522,10 @@ impl Replica {
         let had_payload = !matches!(msg.payload, Payload::None);
         let result = match msg.payload {
             Payload::None => Ok(Accepted::default()),
-            Payload::Changes(batch) => doc.ingest(batch),
+            Payload::Changes(batch) => match prepared {
+                Some(p) if doc.is_current(&p) => doc.commit_prepared(p),
+                _ => doc.ingest(batch),
+            },
             Payload::Snapshot { bytes, sigs } => doc.ingest_snapshot(&bytes, sigs),
         };
         let accepted = match result {
