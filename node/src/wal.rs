@@ -78,15 +78,17 @@ impl Wal {
         } else {
             0
         };
-        let inserts = if generation == 0 {
-            Vec::new()
+        let (inserts, end) = if generation == 0 {
+            (Vec::new(), HEADER)
         } else {
             replay(&bytes, generation)
         };
+        // Appends go after the records found, so the log is not empty until the caller has
+        // made them durable elsewhere and reset it.
         let mut wal = Self {
             file,
             generation,
-            offset: HEADER,
+            offset: end,
         };
         if generation == 0 {
             wal.reset()?;
@@ -144,8 +146,8 @@ fn record_crc(rec: &[u8]) -> u32 {
     h.finalize()
 }
 
-/// The inserts of every valid record of `generation`, in order.
-fn replay(bytes: &[u8], generation: u64) -> Vec<Insert> {
+/// The inserts of every valid record of `generation`, in order, and where they end.
+fn replay(bytes: &[u8], generation: u64) -> (Vec<Insert>, u64) {
     let mut out = Vec::new();
     let mut at = HEADER as usize;
     while at + RECORD_HEADER <= bytes.len() {
@@ -166,7 +168,7 @@ fn replay(bytes: &[u8], generation: u64) -> Vec<Insert> {
         }
         at += RECORD_HEADER + len;
     }
-    out
+    (out, at as u64)
 }
 
 /// Encodes inserts as a record payload.
@@ -231,7 +233,9 @@ mod tests {
         drop(w);
         let (mut w, replayed) = Wal::open(&path).unwrap();
         assert_eq!(replayed, vec![ins("a"), ins("b"), ins("c")]);
+        assert!(!w.is_empty(), "replayed records count until a reset");
         w.reset().unwrap();
+        assert!(w.is_empty());
         drop(w);
         let (_, replayed) = Wal::open(&path).unwrap();
         assert!(
