@@ -66,6 +66,24 @@ async fn connect(a: &NodeHandle, b: &NodeHandle) {
     panic!("could not connect");
 }
 
+/// Two connected nodes and a design created on the first.
+async fn pair_with_design(title: &str) -> (BenchNode, BenchNode, DocId) {
+    let a = start_node("A").await;
+    let b = start_node("B").await;
+    connect(&a.node.handle, &b.node.handle).await;
+    let input = DesignInput {
+        title: title.into(),
+        ..Default::default()
+    };
+    let id = a
+        .node
+        .handle
+        .create(move |kp, now, nonce| model::create_design(kp, &input, now, nonce))
+        .await
+        .expect("design created");
+    (a, b, id)
+}
+
 async fn changes_of(h: &NodeHandle, id: DocId) -> usize {
     h.read(move |c| c.replica.doc(&id).map(|d| d.change_count()).unwrap_or(0))
         .await
@@ -108,19 +126,7 @@ fn rss_mb() -> f64 {
 
 /// (a) one small change on A visible on B: p50/p99 over `n` changes, in ms.
 pub async fn latency(n: usize) -> Value {
-    let a = start_node("A").await;
-    let b = start_node("B").await;
-    connect(&a.node.handle, &b.node.handle).await;
-    let input = DesignInput {
-        title: "latency".into(),
-        ..Default::default()
-    };
-    let id = a
-        .node
-        .handle
-        .create(move |kp, now, nonce| model::create_design(kp, &input, now, nonce))
-        .await
-        .unwrap();
+    let (a, b, id) = pair_with_design("latency").await;
     while changes_of(&b.node.handle, id).await < 1 {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
@@ -520,19 +526,7 @@ where
     S: FnOnce(NodeHandle, DocId) -> Fut,
     Fut: std::future::Future<Output = WriteOne>,
 {
-    let a = start_node("A").await;
-    let b = start_node("B").await;
-    connect(&a.node.handle, &b.node.handle).await;
-    let input = DesignInput {
-        title: "sustained".into(),
-        ..Default::default()
-    };
-    let id = a
-        .node
-        .handle
-        .create(move |kp, now, nonce| model::create_design(kp, &input, now, nonce))
-        .await
-        .unwrap();
+    let (a, b, id) = pair_with_design("sustained").await;
     let write_one = setup(a.node.handle.clone(), id).await;
     let t0 = Instant::now();
     let mut tasks = Vec::new();

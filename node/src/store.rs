@@ -158,9 +158,9 @@ impl Store {
         };
         if !replay.is_empty() {
             tracing::info!(inserts = replay.len(), "replaying the write-ahead log");
+            store.insert_all(&replay)?;
+            store.sync()?;
         }
-        store.insert_all(&replay)?;
-        store.sync()?;
         Ok(store)
     }
 
@@ -250,6 +250,7 @@ impl Store {
                     key: key.as_bytes().to_vec(),
                     value: value.clone(),
                 }),
+                // Replacing writes are handled by `apply_direct`, one at a time.
                 Write::Compact { .. } => {
                     return Err(StoreError::Corrupt("compaction is not logged".into()))
                 }
@@ -272,66 +273,40 @@ impl Store {
         Ok(out)
     }
 
-    /// A group that replaces or deletes records: written to sled and checkpointed.
+    /// A group that replaces or deletes records: written to sled in order and
+    /// checkpointed. The writes between two replacing ones go in as [`Self::inserts_for`]
+    /// makes them, so the records are laid out exactly as on the logged path.
     fn apply_direct(&self, writes: &[Write]) -> Result<(), StoreError> {
-        let mut changes: std::collections::BTreeMap<DocId, Vec<u8>> = Default::default();
-        let mut sigs: std::collections::BTreeMap<DocId, Vec<u8>> = Default::default();
-        for w in writes {
-            match w {
+        let mut start = 0;
+        for (i, w) in writes.iter().enumerate() {
+            let (doc, snapshot) = match w {
+                Write::Compact { doc, snapshot } => (doc, snapshot),
                 Write::Doc {
                     doc,
-                    genesis,
-                    accepted,
-                } => {
-                    if let Some(g) = genesis {
-                        let mut v = g.signature().to_vec();
-                        v.extend_from_slice(g.bytes());
-                        self.s().genesis.insert(doc.as_bytes(), v)?;
-                    }
-                    if let Some(s) = &accepted.snapshot {
-                        // The snapshot holds every change so far, buffered ones included.
-                        changes.remove(doc);
-                        self.drop_changes(doc)?;
-                        self.s().snapshots.insert(doc.as_bytes(), s.as_slice())?;
-                    }
-                    let blob = changes.entry(*doc).or_default();
-                    for c in &accepted.changes {
-                        blob.extend_from_slice(&(c.len() as u32).to_be_bytes());
-                        blob.extend_from_slice(c);
-                    }
-                    let sblob = sigs.entry(*doc).or_default();
-                    for (h, sig) in &accepted.sigs {
-                        sblob.extend_from_slice(h.as_ref());
-                        sblob.extend_from_slice(sig);
-                    }
-                }
-                Write::Compact { doc, snapshot } => {
-                    // Insert the snapshot first: a crash in between leaves snapshot + changes
-                    // it already contains, which load applies idempotently. Changes buffered
-                    // in this group are covered by the snapshot (taken after them).
-                    changes.remove(doc);
-                    self.s()
-                        .snapshots
-                        .insert(doc.as_bytes(), snapshot.as_slice())?;
-                    self.drop_changes(doc)?;
-                }
-                Write::Setting { key, value } => {
-                    self.s().settings.insert(key.as_bytes(), value.as_slice())?;
-                }
+                    accepted:
+                        Accepted {
+                            snapshot: Some(snapshot),
+                            ..
+                        },
+                    ..
+                } => (doc, snapshot),
+                _ => continue,
+            };
+            self.insert_all(&self.inserts_for(&writes[start..i])?)?;
+            // Snapshot first: a crash in between leaves the snapshot plus changes it already
+            // contains, which loading applies idempotently. It covers every change stored
+            // so far, including the ones just written.
+            self.s()
+                .snapshots
+                .insert(doc.as_bytes(), snapshot.as_slice())?;
+            self.drop_changes(doc)?;
+            if let Write::Doc { .. } = w {
+                // Its genesis and signatures (a received snapshot carries no loose changes).
+                self.insert_all(&self.inserts_for(std::slice::from_ref(w))?)?;
             }
+            start = i + 1;
         }
-        for (tree, blobs) in [(&self.s().changes, changes), (&self.s().sigs, sigs)] {
-            let mut batch = sled::Batch::default();
-            for (doc, blob) in blobs {
-                if blob.is_empty() {
-                    continue;
-                }
-                let mut key = doc.as_bytes().to_vec();
-                key.extend_from_slice(&self.s().db.generate_id()?.to_be_bytes());
-                batch.insert(key, blob);
-            }
-            tree.apply_batch(batch)?;
-        }
+        self.insert_all(&self.inserts_for(&writes[start..])?)?;
         self.sync()
     }
 
@@ -457,4 +432,80 @@ fn wal_path(path: &Path) -> PathBuf {
         .unwrap_or_else(|| "store".into());
     name.push(".wal");
     path.with_file_name(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cofab_protocol::model::{self, DesignInput, Splice};
+    use cofab_protocol::Keypair;
+
+    /// A group with a compaction between two runs of changes keeps the snapshot and only
+    /// the changes after it; logged groups and the checkpointed group read back the same
+    /// after reopening.
+    #[test]
+    fn compaction_inside_a_group_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let kp = Keypair::from_secret([5; 32]);
+        let (mut doc, first) = model::create_design(
+            &kp,
+            &DesignInput {
+                title: "t".into(),
+                ..Default::default()
+            },
+            0,
+            1,
+        )
+        .unwrap();
+        let id = doc.id();
+        let splice = |doc: &mut cofab_protocol::Document, i| {
+            let s = Splice {
+                pos: i,
+                delete: 0,
+                insert: "x".into(),
+            };
+            model::splice_description(doc, &kp, 0, &s).unwrap()
+        };
+        let a = splice(&mut doc, 0);
+        let snapshot = doc.save();
+        let b = splice(&mut doc, 1);
+        {
+            let store = Store::open(&dir.path().join("store")).unwrap();
+            let g = Some(doc.signed_genesis().clone());
+            store
+                .apply(&[Write::Doc {
+                    doc: id,
+                    genesis: g,
+                    accepted: first,
+                }])
+                .unwrap(); // logged
+            store
+                .apply(&[
+                    Write::Doc {
+                        doc: id,
+                        genesis: None,
+                        accepted: a,
+                    },
+                    Write::Compact {
+                        doc: id,
+                        snapshot: snapshot.clone(),
+                    },
+                    Write::Doc {
+                        doc: id,
+                        genesis: None,
+                        accepted: b.clone(),
+                    },
+                ])
+                .unwrap(); // direct
+        }
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let all = store.load_all().unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].snapshot.as_deref(), Some(snapshot.as_slice()));
+        assert_eq!(
+            all[0].changes, b.changes,
+            "only the change after the snapshot remains"
+        );
+        assert!(all[0].sigs.len() >= 3, "every signature is kept");
+    }
 }

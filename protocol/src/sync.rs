@@ -34,6 +34,21 @@ const MAX_MISSING_DEPS: u32 = 3;
 /// speaks or reconnects (a member removed while away is ignored by every other member).
 const MAX_UNANSWERED_HELLOS: u32 = 16;
 
+impl SyncMessage {
+    /// A message that says only "I hold nothing of `doc`" (our empty clock, which reveals
+    /// nothing), or with `decline`, "and I do not want it".
+    fn empty(doc: DocId, decline: bool) -> Self {
+        SyncMessage {
+            doc,
+            genesis: None,
+            clock: Clock::new(),
+            heads: Vec::new(),
+            payload: Payload::None,
+            decline,
+        }
+    }
+}
+
 /// An effect for the IO shell to carry out.
 #[derive(Debug, Clone)]
 pub enum Output {
@@ -312,14 +327,7 @@ impl Replica {
         }
         Some(Output::Send {
             to: peer,
-            msg: SyncMessage {
-                doc,
-                genesis: None,
-                clock: Clock::new(),
-                heads: Vec::new(),
-                payload: Payload::None,
-                decline: false,
-            },
+            msg: SyncMessage::empty(doc, false),
         })
     }
 
@@ -458,14 +466,7 @@ impl Replica {
                 if self.connected.contains(&from) {
                     out.push(Output::Send {
                         to: from,
-                        msg: SyncMessage {
-                            doc: id,
-                            genesis: None,
-                            clock: Clock::new(),
-                            heads: vec![],
-                            payload: Payload::None,
-                            decline: false,
-                        },
+                        msg: SyncMessage::empty(id, false),
                     });
                 }
                 return out;
@@ -483,14 +484,7 @@ impl Replica {
             if !self.policy.accepts(sg.genesis().kind) {
                 return vec![Output::Send {
                     to: from,
-                    msg: SyncMessage {
-                        doc: id,
-                        genesis: None,
-                        clock: Clock::new(),
-                        heads: vec![],
-                        payload: Payload::None,
-                        decline: true,
-                    },
+                    msg: SyncMessage::empty(id, true),
                 }];
             }
             new_genesis = Some(sg.clone());
@@ -618,14 +612,7 @@ impl Replica {
             // (our empty clock reveals nothing) so it sends the content.
             out.push(Output::Send {
                 to: from,
-                msg: SyncMessage {
-                    doc: id,
-                    genesis: None,
-                    clock: Clock::new(),
-                    heads: vec![],
-                    payload: Payload::None,
-                    decline: false,
-                },
+                msg: SyncMessage::empty(id, false),
             });
             return out;
         }
@@ -674,11 +661,14 @@ impl Replica {
     pub fn tick(&mut self) -> Vec<Output> {
         let mut out = Vec::new();
         let peers: Vec<EnterpriseId> = self.connected.iter().copied().collect();
-        let ids: Vec<DocId> = self.docs.keys().copied().collect();
+        // Each document's clock and heads once per tick, not once per (peer, document).
+        let state: Vec<(DocId, Clock, Vec<automerge::ChangeHash>)> = self
+            .docs
+            .iter()
+            .map(|(id, d)| (*id, d.clock(), d.heads()))
+            .collect();
         for p in peers {
-            for id in &ids {
-                let ours = self.docs[id].clock();
-                let heads = self.docs[id].heads();
+            for (id, ours, heads) in &state {
                 let needs = match self.sessions.get_mut(&(p, *id)) {
                     None => true,
                     Some(s) if s.failed || s.declined || s.unanswered >= MAX_UNANSWERED_HELLOS => {
@@ -690,7 +680,7 @@ impl Replica {
                         match &s.confirmed {
                             None => !recent,
                             Some(c) => {
-                                let differ = c != &ours || s.their_heads != heads;
+                                let differ = c != ours || s.their_heads != *heads;
                                 if differ && !recent {
                                     s.assumed = c.clone();
                                 }
