@@ -431,9 +431,10 @@ impl Document {
             return Ok(None);
         }
         let sigs: HashMap<ChangeHash, [u8; 64]> = batch.sigs.iter().copied().collect();
-        let (sorted, verified) = self.verify_fresh(fresh, &sigs, true)?;
+        let (order, verified) = self.verify_fresh(&fresh, &sigs, true)?;
+        let sorted: Vec<&Change> = order.iter().map(|&i| &fresh[i]).collect();
         let mut scratch = self.doc.clone();
-        catch(|| scratch.apply_changes(sorted.clone()))
+        catch(|| scratch.apply_changes(sorted.iter().map(|c| (*c).clone())))
             .map_err(IngestError::Apply)?
             .map_err(|e| IngestError::Apply(e.to_string()))?;
         let mut paths = rules::PathCache::default();
@@ -509,7 +510,9 @@ impl Document {
             return Err(IngestError::TooLarge(format!("{} changes", metas.len())));
         }
         let sigs: HashMap<ChangeHash, [u8; 64]> = sigs.into_iter().collect();
-        let (sorted, verified) = self.verify_fresh(metas, &sigs, false)?;
+        let (sorted, verified) = self.verify_fresh(&metas, &sigs, false)?;
+        let sorted: Vec<&automerge::ChangeMetadata<'_>> =
+            sorted.iter().map(|&i| &metas[i]).collect();
         if !scratch.get_missing_deps(&[]).is_empty() {
             return Err(IngestError::Snapshot("snapshot has missing deps".into()));
         }
@@ -537,6 +540,7 @@ impl Document {
             })
             .collect();
         drop(sorted);
+        drop(metas);
         self.doc = scratch;
         self.paths.extend(fresh_paths);
         Ok(self.commit_verified(order, Vec::new(), verified, Some(bytes.to_vec())))
@@ -562,15 +566,15 @@ impl Document {
         }
     }
 
-    /// Binding, replay, chain and signature checks; returns the changes in causal order
-    /// and the verified signatures worth keeping.
+    /// Binding, replay, chain and signature checks; returns the indices of `fresh` in
+    /// causal order and the verified signatures worth keeping.
     #[allow(clippy::type_complexity)]
     fn verify_fresh<C: ChangeInfo>(
         &self,
-        fresh: Vec<C>,
+        fresh: &[C],
         sigs: &HashMap<ChangeHash, [u8; 64]>,
         check_deps: bool,
-    ) -> Result<(Vec<C>, Vec<(ChangeHash, [u8; 64])>), IngestError> {
+    ) -> Result<(Vec<usize>, Vec<(ChangeHash, [u8; 64])>), IngestError> {
         let doc_str = self.id().to_string();
         let mut by_author: BTreeMap<EnterpriseId, Vec<usize>> = BTreeMap::new();
         // Decompressing a key costs microseconds: check each distinct actor once.
@@ -593,11 +597,12 @@ impl Document {
             }
             by_author.entry(a).or_default().push(i);
         }
-        let fresh_hashes: HashSet<ChangeHash> = fresh.iter().map(|c| c.hash()).collect();
+
         // Missing predecessors first: an honest peer whose earlier message was dropped or
         // overtaken sends a change whose seq jumps ahead; that is a resync, not an attack.
         // A seq gap whose deps we do hold can only be forged, and is refused below.
         if check_deps {
+            let fresh_hashes: HashSet<ChangeHash> = fresh.iter().map(|c| c.hash()).collect();
             let missing = fresh
                 .iter()
                 .flat_map(|c| c.deps().iter())
@@ -653,9 +658,7 @@ impl Document {
         verify_sigs(&self.id(), &to_verify)?;
         let sorted = if by_author.len() == 1 {
             // One author: its chain (checked above, seq by seq) is already a causal order.
-            let order = by_author.into_values().next().unwrap_or_default();
-            let mut slots: Vec<Option<C>> = fresh.into_iter().map(Some).collect();
-            order.into_iter().filter_map(|i| slots[i].take()).collect()
+            by_author.into_values().next().unwrap_or_default()
         } else {
             topo_sort(fresh)
         };
@@ -790,8 +793,9 @@ fn verify_sigs(
     Ok(())
 }
 
-/// Orders changes so that every change follows its deps (ties broken by hash: deterministic).
-fn topo_sort<C: ChangeInfo>(changes: Vec<C>) -> Vec<C> {
+/// The indices of `changes` in an order where every change follows its deps (ties broken
+/// by hash: deterministic).
+fn topo_sort<C: ChangeInfo>(changes: &[C]) -> Vec<usize> {
     let index: HashMap<ChangeHash, usize> = changes
         .iter()
         .enumerate()
@@ -822,8 +826,7 @@ fn topo_sort<C: ChangeInfo>(changes: Vec<C>) -> Vec<C> {
             }
         }
     }
-    let mut slots: Vec<Option<C>> = changes.into_iter().map(Some).collect();
-    order.into_iter().filter_map(|i| slots[i].take()).collect()
+    order
 }
 
 /// Runs `f`, turning a panic inside automerge into an error string.

@@ -138,6 +138,22 @@ fn put_sigs(out: &mut Vec<u8>, sigs: &[(ChangeHash, [u8; 64])]) {
     }
 }
 
+/// An upper bound of `m`'s encoded size (varints counted at their widest), so that a
+/// frame is encoded into one allocation instead of growing (and copying) as it goes.
+fn sync_len_bound(m: &SyncMessage) -> usize {
+    const V: usize = 10;
+    let genesis = m.genesis.as_ref().map_or(0, |(g, _)| V + g.len() + 64);
+    let sigs = |n: usize| V + n * (32 + 64);
+    let payload = match &m.payload {
+        Payload::None => 0,
+        Payload::Changes(b) => {
+            V + b.changes.iter().map(|c| V + c.len()).sum::<usize>() + sigs(b.sigs.len())
+        }
+        Payload::Snapshot { bytes, sigs: s } => V + bytes.len() + sigs(s.len()),
+    };
+    32 + 1 + genesis + V + m.clock.len() * (32 + V) + V + m.heads.len() * 32 + payload
+}
+
 fn encode_sync(out: &mut Vec<u8>, m: &SyncMessage) {
     out.extend_from_slice(m.doc.as_bytes());
     let mut flags = 0;
@@ -183,9 +199,14 @@ fn encode_sync(out: &mut Vec<u8>, m: &SyncMessage) {
 }
 
 impl Frame {
-    /// Encodes the frame. Callers keep frames under [`MAX_FRAME_BYTES`] (see [`Frame::encoded_len_hint`]).
+    /// Encodes the frame. Callers keep frames under [`MAX_FRAME_BYTES`].
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = vec![WIRE_VERSION];
+        let bound = match self {
+            Frame::Sync(msgs) => 12 + msgs.iter().map(sync_len_bound).sum::<usize>(),
+            _ => 64,
+        };
+        let mut out = Vec::with_capacity(bound);
+        out.push(WIRE_VERSION);
         match self {
             Frame::Sync(msgs) => {
                 out.push(T_SYNC);

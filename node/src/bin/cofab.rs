@@ -215,8 +215,10 @@ fn fail(msg: impl std::fmt::Display) -> ! {
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
+    // automerge marks hot internals (per parsed column, per commit) as INFO spans; with
+    // them enabled the subscriber formats their fields for every change (≈5% of a sync).
     let filter = tracing_subscriber::EnvFilter::try_from_env("COFAB_LOG")
-        .unwrap_or_else(|_| "info,libp2p=warn".into());
+        .unwrap_or_else(|_| "info,libp2p=warn,automerge=warn".into());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
