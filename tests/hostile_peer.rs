@@ -930,3 +930,86 @@ impl Hostile {
         }
     }
 }
+
+/// A frame large enough to be verified on two threads (greetings of 12 documents, each
+/// with its genesis and first changes), one of whose geneses carries the signature of
+/// another: the forged one is refused as `genesis` (counted once) and never held, the
+/// 11 honest documents are taken whole, and the victim's own documents are untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_genesis_in_a_large_frame_is_refused_and_the_rest_taken() {
+    let s = setting("hostile_genesis_frame").await;
+    let target = s.victim.handle().info.peer_id;
+    let sender = Hostile::spawn(test_key("hostile_genesis_frame", 11), target);
+    let mut msgs = Vec::new();
+    let mut docs = Vec::new();
+    for i in 0..12u64 {
+        let input = OrderInput {
+            title: format!("frame order {i}"),
+            quantity: 1,
+            visibility: Visibility::Public,
+            ..Default::default()
+        };
+        let (doc, acc) = model::create_order(&sender.key, &input, 1_000 + i as i64, i).unwrap();
+        msgs.push(SyncMessage {
+            doc: doc.id(),
+            genesis: Some((
+                doc.signed_genesis().bytes().to_vec(),
+                doc.signed_genesis().signature(),
+            )),
+            clock: doc.clock(),
+            heads: doc.heads(),
+            payload: Payload::Changes(ChangeBatch {
+                changes: acc.changes,
+                sigs: acc.sigs,
+            }),
+            decline: false,
+        });
+        docs.push(doc.id());
+    }
+    // Message 5 gets message 6's genesis signature.
+    let other = msgs[6].genesis.as_ref().unwrap().1;
+    msgs[5].genesis.as_mut().unwrap().1 = other;
+    let forged = docs[5];
+    sender.connect(&s.victim).await;
+    let before = s.rejected().await;
+    sender.send(Frame::Sync(msgs).encode()).await.unwrap();
+    let victim = s.victim.handle().clone();
+    let honest: Vec<DocId> = docs.iter().copied().filter(|d| *d != forged).collect();
+    wait_until(DEADLINE, || {
+        let v = victim.clone();
+        let want = honest.clone();
+        async move {
+            v.read(move |c| {
+                want.iter()
+                    .all(|d| c.replica.doc(d).is_some_and(|x| !x.is_empty()))
+            })
+            .await
+            .unwrap()
+        }
+    })
+    .await;
+    let after = s.rejected().await;
+    assert_eq!(
+        diff(&before, &after),
+        BTreeMap::from([("genesis".to_string(), 1)]),
+        "exactly the forged genesis refused"
+    );
+    let held = holdings(&s.victim).await;
+    assert!(!held.contains_key(&forged), "the forged document is held");
+    for d in &honest {
+        let v = victim
+            .read({
+                let d = *d;
+                move |c| c.replica.doc(&d).and_then(model::order_view)
+            })
+            .await
+            .unwrap()
+            .expect("an honest order");
+        assert!(v.title.starts_with("frame order"), "{v:?}");
+    }
+    for (d, h) in &s.before {
+        if *d != s.honest_order {
+            assert_eq!(&held[d], h, "document {d} changed");
+        }
+    }
+}

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cofab_protocol::document::{Accepted, Document};
-use cofab_protocol::sync::{FetchPolicy, Output, Replica, ReplicaError};
+use cofab_protocol::sync::{FetchPolicy, Output, PreparedMsg, Replica, ReplicaError};
 use cofab_protocol::wire::{Announcement, Frame, SyncMessage, MAX_FRAME_BYTES};
 use cofab_protocol::{DocId, EditError, EnterpriseId, Keypair, Kind, Visibility};
 use futures::StreamExt;
@@ -1527,19 +1527,17 @@ impl EventLoop {
     }
 }
 
-/// Frames with fewer messages carrying changes than this are verified on the event loop alone.
+/// Frames with fewer messages to verify than this are verified on the event loop alone.
 const PARALLEL_MIN_MESSAGES: usize = 8;
 
-/// Verifies the changes of a frame's messages on two threads (the event loop's and one
-/// more) before they are applied in order: a peer catching up on many documents sends
-/// frames of hundreds of small batches, and verifying them (signatures, parsing, rules)
-/// was one core's work while the other idled. Only messages about distinct documents are
-/// prepared (a second message about a document depends on the first); the rest, and any
-/// whose document changed meanwhile, are verified when applied, as before.
-fn prepare_frame(
-    replica: &Replica,
-    msgs: &[SyncMessage],
-) -> Vec<Option<cofab_protocol::document::Prepared>> {
+/// Verifies a frame's messages on two threads (the event loop's and one more) before
+/// they are applied in order: a peer catching up on many documents sends frames of
+/// hundreds of greetings (each a genesis to verify) and small batches (signatures,
+/// parsing, rules), which were one core's work while the other idled. Changes are
+/// prepared only for messages about distinct documents (a second message about a
+/// document depends on the first); the rest, and any whose document changed meanwhile,
+/// are verified when applied, as before.
+fn prepare_frame(replica: &Replica, msgs: &[SyncMessage]) -> Vec<PreparedMsg> {
     use cofab_protocol::wire::Payload;
     let mut count: HashMap<DocId, usize> = HashMap::new();
     for m in msgs {
@@ -1548,24 +1546,22 @@ fn prepare_frame(
     let eligible: Vec<usize> = msgs
         .iter()
         .enumerate()
-        .filter(|(_, m)| matches!(m.payload, Payload::Changes(_)) && count[&m.doc] == 1)
+        .filter(|(_, m)| {
+            (matches!(m.payload, Payload::Changes(_)) && count[&m.doc] == 1)
+                || (m.genesis.is_some() && replica.doc(&m.doc).is_none())
+        })
         .map(|(i, _)| i)
         .collect();
-    let mut out: Vec<Option<cofab_protocol::document::Prepared>> =
-        msgs.iter().map(|_| None).collect();
+    let mut out: Vec<PreparedMsg> = msgs.iter().map(|_| PreparedMsg::default()).collect();
     if eligible.len() < PARALLEL_MIN_MESSAGES {
         return out;
     }
+    let prepare = |i: usize| replica.prepare(&msgs[i], count[&msgs[i].doc] == 1);
     let (left, right) = eligible.split_at(eligible.len() / 2);
     let other = std::thread::scope(|scope| {
-        let worker = scope.spawn(|| {
-            right
-                .iter()
-                .map(|&i| (i, replica.prepare(&msgs[i])))
-                .collect::<Vec<_>>()
-        });
+        let worker = scope.spawn(|| right.iter().map(|&i| (i, prepare(i))).collect::<Vec<_>>());
         for &i in left {
-            out[i] = replica.prepare(&msgs[i]);
+            out[i] = prepare(i);
         }
         worker.join()
     });

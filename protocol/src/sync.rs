@@ -34,6 +34,21 @@ const MAX_MISSING_DEPS: u32 = 3;
 /// speaks or reconnects (a member removed while away is ignored by every other member).
 const MAX_UNANSWERED_HELLOS: u32 = 16;
 
+/// What [`Replica::prepare`] verified of one message ahead of [`Replica::receive_prepared`].
+#[derive(Default)]
+pub struct PreparedMsg {
+    genesis: Option<Result<SignedGenesis, GenesisError>>,
+    changes: Option<Prepared>,
+}
+
+impl PreparedMsg {
+    /// Whether anything was verified (a message with neither a new genesis nor changes
+    /// for a held document gains nothing from being prepared).
+    pub fn is_empty(&self) -> bool {
+        self.genesis.is_none() && self.changes.is_none()
+    }
+}
+
 impl SyncMessage {
     /// A message that says only "I hold nothing of `doc`" (our empty clock, which reveals
     /// nothing), or with `decline`, "and I do not want it".
@@ -419,30 +434,40 @@ impl Replica {
         })
     }
 
-    /// Verifies the changes a message carries against the document as it is now,
-    /// without changing anything (`&self`: the node prepares the messages of one frame
-    /// on several threads, then hands each to [`Self::receive_prepared`] in order).
-    /// `None` when the message carries no changes for a document we hold.
-    pub fn prepare(&self, msg: &SyncMessage) -> Option<Prepared> {
-        match &msg.payload {
-            Payload::Changes(batch) => Some(self.docs.get(&msg.doc)?.prepare(batch)),
-            _ => None,
+    /// Verifies what a message carries against the replica as it is now, without
+    /// changing anything (`&self`: the node prepares the messages of one frame on
+    /// several threads, then hands each to [`Self::receive_prepared`] in order): the
+    /// genesis of a document we lack (its signature) and, with `changes`, the changes for a
+    /// document we hold (a caller leaves them out when an earlier message of the same
+    /// frame may change that document first).
+    pub fn prepare(&self, msg: &SyncMessage, changes: bool) -> PreparedMsg {
+        let held = self.docs.get(&msg.doc);
+        PreparedMsg {
+            genesis: match (&msg.genesis, held) {
+                (Some((g, sig)), None) => Some(SignedGenesis::from_parts(g.clone(), *sig)),
+                _ => None,
+            },
+            changes: match (&msg.payload, held) {
+                (Payload::Changes(batch), Some(doc)) if changes => Some(doc.prepare(batch)),
+                _ => None,
+            },
         }
     }
 
     /// Handles a sync message from a connected peer. `now_ms` is the caller's clock.
     pub fn receive(&mut self, from: EnterpriseId, msg: SyncMessage, now_ms: i64) -> Vec<Output> {
-        self.receive_prepared(from, msg, now_ms, None)
+        self.receive_prepared(from, msg, now_ms, PreparedMsg::default())
     }
 
-    /// [`Self::receive`] with the message's changes already prepared by [`Self::prepare`];
-    /// used only if the document has not changed since (otherwise verified again here).
+    /// [`Self::receive`] with what [`Self::prepare`] verified of the same message: the
+    /// genesis result is used as is (it depends on nothing else); the changes only if the
+    /// document has not changed since (otherwise they are verified again here).
     pub fn receive_prepared(
         &mut self,
         from: EnterpriseId,
         msg: SyncMessage,
         now_ms: i64,
-        prepared: Option<Prepared>,
+        prepared: PreparedMsg,
     ) -> Vec<Output> {
         self.stats.messages_received += 1;
         let id = msg.doc;
@@ -471,7 +496,11 @@ impl Replica {
                 }
                 return out;
             };
-            let sg = match SignedGenesis::from_parts(g, sig) {
+            let checked = match prepared.genesis {
+                Some(done) => done,
+                None => SignedGenesis::from_parts(g, sig),
+            };
+            let sg = match checked {
                 Ok(sg) if sg.id() == id => sg,
                 Ok(_) => {
                     return vec![reject(
@@ -516,7 +545,7 @@ impl Replica {
         let had_payload = !matches!(msg.payload, Payload::None);
         let result = match msg.payload {
             Payload::None => Ok(Accepted::default()),
-            Payload::Changes(batch) => match prepared {
+            Payload::Changes(batch) => match prepared.changes {
                 Some(p) if doc.is_current(&p) => doc.commit_prepared(p),
                 _ => doc.ingest(batch),
             },
