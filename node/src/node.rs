@@ -380,6 +380,19 @@ pub fn mono_ns() -> u64 {
     t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
+/// With `COFAB_HOPS` set, prints `HOP <CLOCK_MONOTONIC ns> <tag>` to stderr at each hop
+/// of a change's way from a local edit to a peer's subscribers (`cmd` edit command taken,
+/// `commit` group handed to the store thread, `st0`/`st1` store write begun/durable,
+/// `durable` back on the event loop, `send` frame handed to libp2p; on the peer: `recv`,
+/// `decoded`, `received` verified and applied, `event` published). `node/scripts/hops.py`
+/// turns a run of `cofab bench --scenarios a` into per-hop medians. Off: one load and branch.
+fn hop(tag: &str) {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *ON.get_or_init(|| std::env::var_os("COFAB_HOPS").is_some()) {
+        eprintln!("HOP {} {}", mono_ns(), tag);
+    }
+}
+
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -719,7 +732,9 @@ fn store_thread(
             writes.extend(more);
         }
         let t = Instant::now();
+        hop("st0");
         let r = store.apply(&writes).map_err(|e| e.to_string());
+        hop("st1");
         tracing::debug!(
             writes = writes.len(),
             batches_to = last,
@@ -742,6 +757,7 @@ impl EventLoop {
                 biased;
                 cmd = self.commands.recv() => {
                     let Some(cmd) = cmd else { break };
+                    hop("cmd");
                     let mut stop = None;
                     if let Some(reply) = self.command(cmd) { stop = Some(reply); }
                     let mut n = 1;
@@ -1109,6 +1125,7 @@ impl EventLoop {
                 request_response::Message::Request {
                     request, channel, ..
                 } => {
+                    hop("recv");
                     // Status byte: 0 = taken, 1 = refused unread (over the size limit).
                     let status = u8::from(matches!(request, network::SyncRequest::Oversized(_)));
                     let _ = self
@@ -1155,9 +1172,11 @@ impl EventLoop {
                         Ok(Frame::Sync(msgs)) => {
                             let now = now_ms();
                             let msgs = merge_runs(msgs);
+                            hop("decoded");
                             let prepared = prepare_frame(&self.replica, &msgs);
                             for (m, p) in msgs.into_iter().zip(prepared) {
                                 let outs = self.replica.receive_prepared(from, m, now, p);
+                                hop("received");
                                 self.outputs(outs);
                             }
                         }
@@ -1389,11 +1408,10 @@ impl EventLoop {
         } else {
             self.next_batch += 1;
             let id = self.next_batch;
-            if self
-                .store_tx
-                .as_ref()
-                .is_none_or(|tx| tx.send((id, writes)).is_err())
-            {
+            if self.store_tx.as_ref().is_none_or(|tx| {
+                hop("commit");
+                tx.send((id, writes)).is_err()
+            }) {
                 self.release(pending, Err("store thread stopped".into()));
                 return;
             }
@@ -1408,6 +1426,7 @@ impl EventLoop {
 
     /// The store made every batch up to `done` durable (or failed it).
     fn durable(&mut self, done: u64, result: Result<(), String>) {
+        hop("durable");
         self.metrics.commits.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = &result {
             tracing::error!("store commit failed: {e}");
@@ -1433,6 +1452,14 @@ impl EventLoop {
         for r in pending.replies {
             r(Ok(()));
         }
+        // Local subscribers first: encoding and sending frames takes tens of µs that a
+        // watcher of this node need not wait for.
+        for e in pending.events {
+            if matches!(e, Event::DocUpdated { from: Some(_), .. }) {
+                hop("event");
+            }
+            let _ = self.events.send(e);
+        }
         for (to, msgs) in pending.sends {
             self.send_frames(to, msgs);
         }
@@ -1453,9 +1480,6 @@ impl EventLoop {
             let bytes = Frame::Announce(items).encode();
             let topic = self.topic.clone();
             let _ = self.swarm.behaviour_mut().gossip.publish(topic, bytes);
-        }
-        for e in pending.events {
-            let _ = self.events.send(e);
         }
     }
 
@@ -1507,6 +1531,7 @@ impl EventLoop {
             self.metrics
                 .bytes_out
                 .fetch_add(f.len() as u64, Ordering::Relaxed);
+            hop("send");
             let id = self
                 .swarm
                 .behaviour_mut()
