@@ -751,3 +751,155 @@ pub async fn run(scenarios: &str, quick: bool) -> Vec<Value> {
     }
     out
 }
+
+/// One line of the side-by-side table: a figure of cofab and of automerge-repo from the
+/// same run, and how many times better cofab is (time and memory: theirs / ours;
+/// throughput: ours / theirs).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Comparison {
+    /// What is compared, with its unit.
+    pub figure: String,
+    /// cofab's value.
+    pub cofab: f64,
+    /// automerge-repo's value.
+    pub automerge_repo: f64,
+    /// Times better for cofab (above 1: cofab is better).
+    pub ratio: f64,
+}
+
+/// Lines up cofab's scenario results with automerge-repo's (`median` of the JSON its
+/// `bench.mjs --out` writes). Figures missing on either side are left out.
+pub fn compare(cofab: &[Value], am_repo: &Value) -> Vec<Comparison> {
+    let am = &am_repo["median"];
+    let find = |scenario: &str, key: &str, filter: &dyn Fn(&Value) -> bool| {
+        cofab
+            .iter()
+            .find(|r| r["scenario"] == scenario && filter(r))
+            .and_then(|r| r[key].as_f64())
+    };
+    let any = |_: &Value| true;
+    let processes = |r: &Value| r["mode"] == "processes";
+    // The large-design size automerge-repo ran (50,000, or 5,000 with --quick).
+    let chars = am_repo["params"]["cChars"].as_u64().unwrap_or(50_000);
+    let same_chars = move |r: &Value| r["chars"].as_u64() == Some(chars);
+    let per_request = |n: u64| move |r: &Value| r["changes_per_request"] == n;
+    let am_f = |k: &str| am[k].as_f64();
+    let am_growth = |k: &str| Some(am_f(k)? - am_f("mem_start_rss_mb")?);
+    enum Better {
+        Lower,
+        Higher,
+    }
+    let rows: Vec<(&str, Option<f64>, Option<f64>, Better)> = vec![
+        (
+            "(a) one-way p50 ms, separate processes, from the client's request",
+            find("a", "p50_ms", &processes),
+            am_f("a_c2s_p50_ms"),
+            Better::Lower,
+        ),
+        (
+            "(a) one-way p99 ms, same",
+            find("a", "p99_ms", &processes),
+            am_f("a_c2s_p99_ms"),
+            Better::Lower,
+        ),
+        (
+            "(b) many documents (1,000 x 10 changes; 200 with --quick), s",
+            find("b", "sync_s", &any),
+            am_f("b_total_ms").map(|ms| ms / 1e3),
+            Better::Lower,
+        ),
+        (
+            "(c) large design (50,000 chars; 5,000 with --quick), initial sync ms",
+            find("c", "sync_ms", &same_chars),
+            am_f("c_fetch_ms"),
+            Better::Lower,
+        ),
+        (
+            "(d) acknowledged changes/s, 1 per request",
+            find("d", "acked_per_s", &per_request(1)),
+            am_f("d_changes_per_s"),
+            Better::Higher,
+        ),
+        (
+            "(d) acknowledged changes/s, 100 per request",
+            find("d", "acked_per_s", &per_request(100)),
+            am_f("d_changes_per_s"),
+            Better::Higher,
+        ),
+        (
+            "(f) receiver RSS growth MB after (b)",
+            find("b", "rss_mb_delta_b", &any),
+            am_growth("mem_after_b_rss_mb"),
+            Better::Lower,
+        ),
+        (
+            "(f) receiver RSS growth MB after (c)",
+            find("c", "rss_mb_delta_b", &same_chars),
+            am_growth("mem_after_c_rss_mb")
+                .zip(am_growth("mem_after_b_rss_mb"))
+                .map(|(c, b)| c - b),
+            Better::Lower,
+        ),
+    ];
+    rows.into_iter()
+        .filter_map(|(figure, ours, theirs, better)| {
+            let (ours, theirs) = (ours?, theirs?);
+            let ratio = match better {
+                Better::Lower => theirs / ours,
+                Better::Higher => ours / theirs,
+            };
+            Some(Comparison {
+                figure: figure.to_string(),
+                cofab: ours,
+                automerge_repo: theirs,
+                ratio,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compare_lines_up_the_same_scenarios_and_orients_ratios() {
+        let cofab = vec![
+            json!({ "scenario": "a", "mode": "processes", "p50_ms": 1.0, "p99_ms": 2.0 }),
+            json!({ "scenario": "a", "mode": "one process", "p50_ms": 9.0, "p99_ms": 9.0 }),
+            json!({ "scenario": "b", "sync_s": 0.5, "rss_mb_delta_b": 50.0 }),
+            json!({ "scenario": "c", "chars": 100_000, "sync_ms": 999.0, "rss_mb_delta_b": 1.0 }),
+            json!({ "scenario": "c", "chars": 50_000, "sync_ms": 200.0, "rss_mb_delta_b": 20.0 }),
+            json!({ "scenario": "d", "changes_per_request": 1, "acked_per_s": 8000.0 }),
+            json!({ "scenario": "d", "changes_per_request": 100, "acked_per_s": 40000.0 }),
+        ];
+        let am = json!({ "params": { "cChars": 50_000 }, "median": {
+            "a_c2s_p50_ms": 5.0, "a_c2s_p99_ms": 10.0, "b_total_ms": 4000.0, "c_fetch_ms": 500.0,
+            "d_changes_per_s": 4000.0, "mem_start_rss_mb": 80.0, "mem_after_b_rss_mb": 180.0,
+            "mem_after_c_rss_mb": 230.0
+        }});
+        let rows = compare(&cofab, &am);
+        let got: Vec<(f64, f64, f64)> = rows
+            .iter()
+            .map(|r| (r.cofab, r.automerge_repo, r.ratio))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (1.0, 5.0, 5.0),       // (a) p50 from the processes run, not in-process
+                (2.0, 10.0, 5.0),      // (a) p99
+                (0.5, 4.0, 8.0),       // (b) seconds on both sides
+                (200.0, 500.0, 2.5),   // (c) the 50,000-char run
+                (8000.0, 4000.0, 2.0), // (d) throughput: ours / theirs
+                (40000.0, 4000.0, 10.0),
+                (50.0, 100.0, 2.0), // (f) growth over their start RSS
+                (20.0, 50.0, 2.5),  // (f) growth from after (b) to after (c)
+            ]
+        );
+        // A scenario that did not run is left out, not shown as zero.
+        let only_b = compare(&cofab[2..3], &am);
+        assert!(only_b.iter().all(|r| r.figure.starts_with("(b)")
+            || r.figure.starts_with("(f) receiver RSS growth MB after (b)")));
+        assert_eq!(only_b.len(), 2);
+    }
+}

@@ -391,11 +391,14 @@ async fn run_demo(for_secs: Option<u64>, base_port: u16) {
 
 async fn run_bench(scenarios: &str, quick: bool, am_repo: Option<PathBuf>, json_out: bool) {
     let results = cofab_node::bench::run(scenarios, quick).await;
+    let am_dir = am_repo.clone();
     let am = am_repo.map(|dir| {
         let mut args = vec!["bench.mjs", "--runs", "1", "--out", "amrepo-results.json"];
         if quick {
             args.push("--quick");
         }
+        // A stale file from an earlier run must not pass for this run's figures.
+        let _ = std::fs::remove_file(dir.join("amrepo-results.json"));
         let out = std::process::Command::new("node")
             .args(&args)
             .current_dir(&dir)
@@ -407,11 +410,25 @@ async fn run_bench(scenarios: &str, quick: bool, am_repo: Option<PathBuf>, json_
             Err(e) => format!("could not run node bench.mjs in {}: {e}", dir.display()),
         }
     });
+    // bench.mjs writes its figures (per run and the median) next to itself.
+    let am_json: Option<serde_json::Value> = am_dir
+        .as_ref()
+        .and_then(|d| std::fs::read(d.join("amrepo-results.json")).ok())
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let side_by_side = am_json
+        .as_ref()
+        .map(|j| cofab_node::bench::compare(&results, j))
+        .unwrap_or_default();
     if json_out {
         println!(
             "{}",
-            serde_json::to_string_pretty(&json!({ "cofab": results, "automerge_repo": am }))
-                .unwrap_or_default()
+            serde_json::to_string_pretty(&json!({
+                "cofab": results,
+                "automerge_repo": am_json,
+                "automerge_repo_output": am,
+                "side_by_side": side_by_side,
+            }))
+            .unwrap_or_default()
         );
         return;
     }
@@ -439,6 +456,22 @@ async fn run_bench(scenarios: &str, quick: bool, am_repo: Option<PathBuf>, json_
     }
     if let Some(am) = am {
         println!("\nautomerge-repo (same machine, same run):\n{am}");
+    }
+    if am_dir.is_some() {
+        if side_by_side.is_empty() {
+            println!("\nno side-by-side table: amrepo-results.json missing or unreadable");
+        } else {
+            println!(
+                "\n{:<72} {:>12} {:>14} {:>8}",
+                "side by side (same run)", "cofab", "automerge-repo", "better"
+            );
+            for c in &side_by_side {
+                println!(
+                    "{:<72} {:>12.3} {:>14.3} {:>7.1}x",
+                    c.figure, c.cofab, c.automerge_repo, c.ratio
+                );
+            }
+        }
     }
 }
 
