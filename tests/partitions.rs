@@ -674,6 +674,17 @@ async fn node_returns_on_a_new_address_and_a_late_node_joins() {
     wait_peers(&owned[3], 3).await;
     for i in 1..3 {
         let want = owned[3].handle().info.peer_id.to_string();
+        // Node 3 may count a connection a moment before node i has handled its side.
+        wait_until(DEADLINE, || {
+            let want = want.clone();
+            let h = owned[i].handle().clone();
+            async move {
+                h.read(move |c| c.peers.iter().any(|p| p.peer_id == want))
+                    .await
+                    .unwrap()
+            }
+        })
+        .await;
         let addr = owned[i]
             .handle()
             .read(move |c| {
