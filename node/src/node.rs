@@ -1107,13 +1107,11 @@ impl EventLoop {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::RoutingUpdated {
                 peer, ..
-            })) => {
-                if !self.peers.contains_key(&peer)
-                    && !self.banned.contains(&peer)
-                    && peer != *self.swarm.local_peer_id()
-                {
-                    let _ = self.swarm.dial(peer);
-                }
+            })) if !self.peers.contains_key(&peer)
+                && !self.banned.contains(&peer)
+                && peer != *self.swarm.local_peer_id() =>
+            {
+                let _ = self.swarm.dial(peer);
             }
             _ => {}
         }
@@ -1217,12 +1215,12 @@ impl EventLoop {
                 self.frame_done(&request_id);
                 tracing::debug!(%peer, %error, "sync send failed");
             }
-            request_response::Event::InboundFailure { peer, error, .. } => {
-                if let request_response::InboundFailure::Io(e) = &error {
-                    if e.kind() == std::io::ErrorKind::InvalidData {
-                        self.reject(peer, None, "oversized", e.to_string());
-                    }
-                }
+            request_response::Event::InboundFailure {
+                peer,
+                error: request_response::InboundFailure::Io(e),
+                ..
+            } if e.kind() == std::io::ErrorKind::InvalidData => {
+                self.reject(peer, None, "oversized", e.to_string());
             }
             _ => {}
         }

@@ -19,6 +19,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use automerge::ChangeHash;
 use cofab_protocol::document::Accepted;
@@ -102,7 +103,7 @@ pub struct Store {
 }
 
 /// How long closing sled may take before the store gives up waiting for it.
-const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 impl Drop for Store {
     /// sled 0.34 flushes every tree again when it is dropped, and that flush can wait
@@ -128,6 +129,31 @@ impl Drop for Store {
     }
 }
 
+/// How long [`Store::open`] waits for the file lock of a store closed a moment ago.
+const LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// Opens sled, waiting up to [`LOCK_WAIT`] for its file lock: a store closed a moment
+/// ago in this process (a node restarted in place) releases the lock only when sled's
+/// background threads let go of the file, which can lag the close under load.
+fn open_sled(path: &Path) -> Result<sled::Db, StoreError> {
+    let start = Instant::now();
+    loop {
+        match sled::Config::new()
+            .path(path)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+        {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && start.elapsed() < LOCK_WAIT =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            r => return Ok(r?),
+        }
+    }
+}
+
 const GENESIS: u8 = 0;
 const CHANGES: u8 = 2;
 const SIGS: u8 = 3;
@@ -136,10 +162,7 @@ const SETTINGS: u8 = 4;
 impl Store {
     /// Opens (or creates) the store in `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(path)
-            .mode(sled::Mode::HighThroughput)
-            .open()?;
+        let db = open_sled(path)?;
         let data_file = File::open(path.join("db")).ok();
         let (wal, replay) = Wal::open(&wal_path(path))?;
         let store = Self {
@@ -439,6 +462,26 @@ mod tests {
     use super::*;
     use cofab_protocol::model::{self, DesignInput, Splice};
     use cofab_protocol::Keypair;
+
+    /// A store reopened while the previous one is still closing waits for its lock.
+    #[test]
+    fn open_waits_for_a_lock_released_a_moment_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let first = Store::open(&path).unwrap();
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(first);
+        });
+        let t = Instant::now();
+        let second = Store::open(&path);
+        closer.join().unwrap();
+        assert!(second.is_ok(), "{:?}", second.err());
+        assert!(
+            t.elapsed() >= Duration::from_millis(250),
+            "it did wait for the lock"
+        );
+    }
 
     /// A group with a compaction between two runs of changes keeps the snapshot and only
     /// the changes after it; logged groups and the checkpointed group read back the same

@@ -122,7 +122,7 @@ impl ChangeInfo for Change {
         Change::deps(self)
     }
     fn message(&self) -> Option<&str> {
-        Change::message(self).map(|m| m.as_ref())
+        Change::message(self)
     }
 }
 
@@ -381,7 +381,7 @@ impl Document {
         for (k, (hash, raw)) in made.into_iter().enumerate() {
             chain.push(hash);
             let seq = chain.len() as u64;
-            if k + 1 == last || seq % CHECKPOINT == 0 {
+            if k + 1 == last || seq.is_multiple_of(CHECKPOINT) {
                 let sig = author.sign_change(&self.genesis.id(), &hash).to_bytes();
                 self.sigs.insert(hash, sig);
                 acc.sigs.push((hash, sig));
@@ -641,7 +641,7 @@ impl Document {
                 prev = Some(c.hash());
                 let is_tip = k + 1 == idxs.len();
                 match sigs.get(&c.hash()) {
-                    Some(s) if is_tip || c.seq() % CHECKPOINT == 0 => {
+                    Some(s) if is_tip || c.seq().is_multiple_of(CHECKPOINT) => {
                         to_verify.push((*author, c.hash(), *s))
                     }
                     Some(_) => {}
@@ -750,7 +750,7 @@ impl Document {
         for chain in self.chains.values() {
             for (i, h) in chain.iter().enumerate() {
                 let seq = i as u64 + 1;
-                if seq % CHECKPOINT == 0 || i + 1 == chain.len() {
+                if seq.is_multiple_of(CHECKPOINT) || i + 1 == chain.len() {
                     if let Some(s) = self.sigs.get(h) {
                         sigs.push((*h, *s));
                     }

@@ -355,8 +355,8 @@ async fn run_demo(for_secs: Option<u64>, base_port: u16) {
     println!("starting four companies on 127.0.0.1 ...");
     let nodes = demo::start(base_port).await.unwrap_or_else(|e| fail(e));
     println!(
-        "\n{:<32} {:<13} {:<24} {}",
-        "COMPANY", "ROLE", "CONSOLE / API", "TOKEN"
+        "\n{:<32} {:<13} {:<24} TOKEN",
+        "COMPANY", "ROLE", "CONSOLE / API"
     );
     for n in &nodes {
         println!(
@@ -433,8 +433,8 @@ async fn run_bench(scenarios: &str, quick: bool, am_repo: Option<PathBuf>, json_
         return;
     }
     println!(
-        "{:<4} {}",
-        "", "cofab (release build recommended: cargo run --release -- bench)"
+        "{:<4} cofab (release build recommended: cargo run --release -- bench)",
+        ""
     );
     for r in &results {
         let mut parts = Vec::new();
