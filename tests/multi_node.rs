@@ -357,3 +357,74 @@ async fn returning_node_catches_up_on_many_documents() {
         .unwrap();
     assert_eq!(comments, 40 * 3);
 }
+
+/// Past `COMPACT_AFTER` incremental changes a node folds a document into a snapshot in
+/// its store: after 5,000 typed characters the store holds a snapshot and fewer loose
+/// changes than the mark, the restarted node has every change, and a fresh peer gets
+/// the whole design.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_typed_design_is_compacted_in_the_store_and_survives_restart() {
+    use cofab_protocol::model::{DesignInput, Splice};
+    let mut nodes = start_net("compact", 1).await;
+    let input = DesignInput {
+        title: "long".into(),
+        ..Default::default()
+    };
+    let id = nodes[0]
+        .handle()
+        .create(move |kp, now, nonce| model::create_design(kp, &input, now, nonce))
+        .await
+        .unwrap();
+    let typed = 5_000;
+    for run in 0..typed / 1_000 {
+        let splices: Vec<Splice> = (0..1_000)
+            .map(|i| Splice {
+                pos: run * 1_000 + i,
+                delete: 0,
+                insert: "k".into(),
+            })
+            .collect();
+        nodes[0]
+            .handle()
+            .edit(id, move |d, kp, now| {
+                model::splice_description_many(d, kp, now, &splices)
+            })
+            .await
+            .unwrap();
+    }
+    let before = heads(&nodes[0], id).await;
+    let node = nodes.pop().unwrap();
+    node.handle().shutdown().await;
+    let _ = node.node.task.await;
+    {
+        let store = cofab_node::store::Store::open(&node.dir.path().join("store")).unwrap();
+        let stored = store.load_all().unwrap();
+        let d = stored.iter().find(|s| s.genesis.id() == id).unwrap();
+        assert!(d.snapshot.is_some(), "no snapshot after {typed} changes");
+        assert!(
+            d.changes.len() <= cofab_node::node::COMPACT_AFTER,
+            "{} loose changes kept beside the snapshot",
+            d.changes.len()
+        );
+    }
+    let node = TestNode {
+        node: cofab_node::node::Node::start(config(node.key.clone(), &node.name, node.dir.path()))
+            .await
+            .expect("node restarts"),
+        dir: node.dir,
+        key: node.key,
+        name: node.name,
+    };
+    assert_eq!(heads(&node, id).await, before, "restart lost changes");
+    let text = node
+        .handle()
+        .read(move |c| c.replica.doc(&id).and_then(model::design_view))
+        .await
+        .unwrap()
+        .unwrap()
+        .description;
+    assert_eq!(text.len(), typed);
+    let fresh = start("compact", 1).await;
+    connect(&fresh, &node).await;
+    wait_converged(&[&node, &fresh], id).await;
+}

@@ -382,7 +382,7 @@ pub fn mono_ns() -> u64 {
 
 /// With `COFAB_HOPS` set, prints `HOP <CLOCK_MONOTONIC ns> <tag>` to stderr at each hop
 /// of a change's way from a local edit to a peer's subscribers (`cmd` edit command taken,
-/// `commit` group handed to the store thread, `st0`/`st1` store write begun/durable,
+/// `edited` change made, signed and rule-checked, `commit` group handed to the store thread, `st0`/`st1` store write begun/durable,
 /// `durable` back on the event loop, `send` frame handed to libp2p; on the peer: `recv`,
 /// `decoded`, `received` verified and applied, `event` published). `node/scripts/hops.py`
 /// turns a run of `cofab bench --scenarios a` into per-hop medians. Off: one load and branch.
@@ -640,6 +640,7 @@ impl Node {
             inflight: HashMap::new(),
             outbox: HashMap::new(),
             incremental,
+            heavy: HashSet::new(),
             topic,
             alerts_topic,
             alerts: Default::default(),
@@ -698,6 +699,8 @@ struct EventLoop {
     inflight: HashMap<request_response::OutboundRequestId, (Instant, PeerId)>,
     outbox: HashMap<PeerId, Outbox>,
     incremental: HashMap<DocId, usize>,
+    /// Documents whose `incremental` count passed [`COMPACT_AFTER`] since the last commit.
+    heavy: HashSet<DocId>,
     topic: gossipsub::IdentTopic,
     alerts_topic: gossipsub::IdentTopic,
     alerts: std::collections::VecDeque<AlertRecord>,
@@ -878,6 +881,7 @@ impl EventLoop {
             }
             Command::Edit { doc, f, reply } => match self.replica.edit(&doc, now_ms(), f) {
                 Ok((_, outs)) => {
+                    hop("edited");
                     // No gossip announcement per edit: peers holding the document get the
                     // change through their sync session; announcements are for new documents.
                     if let Some(d) = self.replica.doc(&doc) {
@@ -942,9 +946,13 @@ impl EventLoop {
                     genesis,
                     accepted,
                 } => {
-                    *self.incremental.entry(doc).or_default() += accepted.changes.len();
+                    let n = self.incremental.entry(doc).or_default();
+                    *n += accepted.changes.len();
                     if accepted.snapshot.is_some() {
-                        self.incremental.insert(doc, 0);
+                        *n = 0;
+                    }
+                    if *n > COMPACT_AFTER {
+                        self.heavy.insert(doc);
                     }
                     self.pending.writes.push(Write::Doc {
                         doc,
@@ -1373,13 +1381,9 @@ impl EventLoop {
     /// reports them durable, while the loop goes on gathering the next group.
     fn commit(&mut self) {
         let mut pending = std::mem::take(&mut self.pending);
-        // Compaction of documents with many incremental changes.
-        let heavy: Vec<DocId> = self
-            .incremental
-            .iter()
-            .filter(|(_, n)| **n > COMPACT_AFTER)
-            .map(|(d, _)| *d)
-            .collect();
+        // Compaction of documents with many incremental changes (noted as they pass the
+        // mark: a scan of every document per commit cost tens of µs at 10,000 documents).
+        let heavy: Vec<DocId> = self.heavy.drain().collect();
         for d in heavy {
             if let Some(doc) = self.replica.doc(&d) {
                 pending.writes.push(Write::Compact {
