@@ -389,7 +389,8 @@ pub fn mono_ns() -> u64 {
 fn hop(tag: &str) {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     if *ON.get_or_init(|| std::env::var_os("COFAB_HOPS").is_some()) {
-        eprintln!("HOP {} {}", mono_ns(), tag);
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), "HOP {} {}", mono_ns(), tag);
     }
 }
 

@@ -263,3 +263,51 @@ async fn three_processes_bootstrap_and_share_an_order() {
         let _ = c.wait();
     }
 }
+
+/// A node whose log output cannot be written (stderr on a full disk, or a pipe whose
+/// reader went away) keeps running and serving: log lines are dropped, not fatal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unwritable_log_output_does_not_stop_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    init(dir.path(), "LogLess");
+    let (p2p, api) = (free_port(), free_port());
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["run", "--data-dir"])
+        .arg(dir.path())
+        .args([
+            "--no-mdns",
+            "--listen",
+            &format!("/ip4/127.0.0.1/tcp/{p2p}"),
+            "--api",
+            &format!("127.0.0.1:{api}"),
+        ])
+        .env("COFAB_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(full)
+        .spawn()
+        .unwrap();
+    wait_healthy(api).await;
+    let token = token(dir.path());
+    let r = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{api}/api/v1/orders"))
+        .bearer_auth(&token)
+        .json(&json!({ "title": "logged nowhere", "quantity": 1 }))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "write refused: {}", r.status());
+    assert_eq!(
+        titles(api, &token).await,
+        vec!["logged nowhere".to_string()]
+    );
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the node exited while logging to a full disk"
+    );
+    child.kill().unwrap();
+    let _ = child.wait();
+}

@@ -212,6 +212,23 @@ fn fail(msg: impl std::fmt::Display) -> ! {
     std::process::exit(1)
 }
 
+/// Where log lines go: stderr, except that a line that cannot be written (stderr on a
+/// full disk, a pipe whose reader went away) is dropped. tracing-subscriber reports a
+/// failed write with `eprintln!`, which panics when stderr itself is what failed, and
+/// that took down whichever node thread was logging.
+struct LogOut;
+
+impl std::io::Write for LogOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
@@ -221,7 +238,7 @@ async fn main() {
         .unwrap_or_else(|_| "info,libp2p=warn,automerge=warn".into());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| LogOut)
         .init();
     match cli.cmd {
         Cmd::Init { ref name } => init(&cli, name),
@@ -344,7 +361,7 @@ async fn run(cli: &Cli, args: &RunArgs) {
     )
     .with_graceful_shutdown(shutdown_signal());
     if let Err(e) = server.await {
-        eprintln!("api server: {e}");
+        tracing::error!("api server: {e}");
     }
     tracing::info!("shutting down");
     h.shutdown().await;
