@@ -935,8 +935,9 @@ impl Hostile {
 /// with its genesis and first changes), one of whose geneses carries the signature of
 /// another: the forged one is refused as `genesis` (counted once) and never held, the
 /// 11 honest documents are taken whole, and the victim's own documents are untouched.
+/// Then a frame of comments on those documents with one forged change signature.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_forged_genesis_in_a_large_frame_is_refused_and_the_rest_taken() {
+async fn forged_signatures_in_a_large_frame_are_refused_and_the_rest_taken() {
     let s = setting("hostile_genesis_frame").await;
     let target = s.victim.handle().info.peer_id;
     let sender = Hostile::spawn(test_key("hostile_genesis_frame", 11), target);
@@ -1012,4 +1013,87 @@ async fn a_forged_genesis_in_a_large_frame_is_refused_and_the_rest_taken() {
             assert_eq!(&held[d], h, "document {d} changed");
         }
     }
+
+    // Then a frame of 11 comments, one per document now held (prepared on two threads,
+    // signatures checked in a batch), one of them signed with another key: that one is
+    // refused as `bad_signature`, the other 10 are taken.
+    let mut docs_now = Vec::new();
+    for d in &honest {
+        let d = *d;
+        docs_now.push(
+            victim
+                .read(move |c| c.replica.doc(&d).cloned())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    let forger = Keypair::from_secret([0x43; 32]);
+    let mut msgs = Vec::new();
+    for (k, doc) in docs_now.iter_mut().enumerate() {
+        let mut acc = model::comment(doc, &sender.key, 2_000, "frame note").unwrap();
+        if k == 3 {
+            let (h, _) = acc.sigs[0];
+            acc.sigs = vec![(h, forger.sign_change(&doc.id(), &h).to_bytes())];
+        }
+        msgs.push(SyncMessage {
+            doc: doc.id(),
+            genesis: None,
+            clock: doc.clock(),
+            heads: doc.heads(),
+            payload: Payload::Changes(ChangeBatch {
+                changes: acc.changes,
+                sigs: acc.sigs,
+            }),
+            decline: false,
+        });
+    }
+    let forged_comment = honest[3];
+    let before = s.rejected().await;
+    sender.send(Frame::Sync(msgs).encode()).await.unwrap();
+    let others: Vec<DocId> = honest
+        .iter()
+        .copied()
+        .filter(|d| *d != forged_comment)
+        .collect();
+    wait_until(DEADLINE, || {
+        let v = victim.clone();
+        let want = others.clone();
+        async move {
+            v.read(move |c| {
+                want.iter().all(|d| {
+                    c.replica
+                        .doc(d)
+                        .and_then(model::order_view)
+                        .is_some_and(|o| o.discussion.len() == 1)
+                })
+            })
+            .await
+            .unwrap()
+        }
+    })
+    .await;
+    wait_until(DEADLINE, || async {
+        s.rejected()
+            .await
+            .get("bad_signature")
+            .copied()
+            .unwrap_or(0)
+            > before.get("bad_signature").copied().unwrap_or(0)
+    })
+    .await;
+    assert_eq!(
+        diff(&before, &s.rejected().await),
+        BTreeMap::from([("bad_signature".to_string(), 1)]),
+        "exactly the forged comment refused"
+    );
+    let forged_view = victim
+        .read(move |c| c.replica.doc(&forged_comment).and_then(model::order_view))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        forged_view.discussion.is_empty(),
+        "the forged comment got in"
+    );
 }

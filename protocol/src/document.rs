@@ -22,7 +22,7 @@ use ed25519_dalek::Signature;
 
 use crate::doc::{DocId, Genesis, SignedGenesis, Visibility};
 use crate::error::{EditError, IngestError};
-use crate::identity::{change_sig_payload, EnterpriseId, Keypair};
+use crate::identity::{change_sig_payload, EnterpriseId, Keypair, SigCheck};
 use crate::rules;
 
 /// What a peer holds: for each author, the highest change sequence number.
@@ -67,6 +67,13 @@ pub struct Prepared {
     base: Vec<ChangeHash>,
     /// `Ok(None)`: nothing new in the batch.
     result: Result<Option<Box<Ready>>, IngestError>,
+}
+
+impl Prepared {
+    /// Turns this into a refusal (a deferred signature check failed).
+    pub fn refuse(&mut self, error: IngestError) {
+        self.result = Err(error);
+    }
 }
 
 struct Ready {
@@ -404,11 +411,25 @@ impl Document {
     pub fn prepare(&self, batch: &ChangeBatch) -> Prepared {
         Prepared {
             base: self.doc.get_heads(),
-            result: self.prepare_inner(batch),
+            result: self.prepare_inner(batch, None),
         }
     }
 
-    fn prepare_inner(&self, batch: &ChangeBatch) -> Result<Option<Box<Ready>>, IngestError> {
+    /// [`Self::prepare`], leaving the signature checks to the caller: they are appended
+    /// to `checks`, and the result holds only if every one of them passes (a caller that
+    /// finds one bad refuses the batch with [`Prepared::refuse`] and the check's error).
+    pub fn prepare_deferred(&self, batch: &ChangeBatch, checks: &mut Vec<SigCheck>) -> Prepared {
+        Prepared {
+            base: self.doc.get_heads(),
+            result: self.prepare_inner(batch, Some(checks)),
+        }
+    }
+
+    fn prepare_inner(
+        &self,
+        batch: &ChangeBatch,
+        defer: Option<&mut Vec<SigCheck>>,
+    ) -> Result<Option<Box<Ready>>, IngestError> {
         if batch.changes.len() > MAX_CHANGES_PER_BATCH {
             return Err(IngestError::TooLarge(format!(
                 "{} changes",
@@ -431,7 +452,7 @@ impl Document {
             return Ok(None);
         }
         let sigs: HashMap<ChangeHash, [u8; 64]> = batch.sigs.iter().copied().collect();
-        let (order, verified) = self.verify_fresh(&fresh, &sigs, true)?;
+        let (order, verified) = self.verify_fresh(&fresh, &sigs, true, defer)?;
         let sorted: Vec<&Change> = order.iter().map(|&i| &fresh[i]).collect();
         let mut scratch = self.doc.clone();
         catch(|| scratch.apply_changes(sorted.iter().map(|c| (*c).clone())))
@@ -510,7 +531,7 @@ impl Document {
             return Err(IngestError::TooLarge(format!("{} changes", metas.len())));
         }
         let sigs: HashMap<ChangeHash, [u8; 64]> = sigs.into_iter().collect();
-        let (sorted, verified) = self.verify_fresh(&metas, &sigs, false)?;
+        let (sorted, verified) = self.verify_fresh(&metas, &sigs, false, None)?;
         let sorted: Vec<&automerge::ChangeMetadata<'_>> =
             sorted.iter().map(|&i| &metas[i]).collect();
         if !scratch.get_missing_deps(&[]).is_empty() {
@@ -574,6 +595,7 @@ impl Document {
         fresh: &[C],
         sigs: &HashMap<ChangeHash, [u8; 64]>,
         check_deps: bool,
+        defer: Option<&mut Vec<SigCheck>>,
     ) -> Result<(Vec<usize>, Vec<(ChangeHash, [u8; 64])>), IngestError> {
         let doc_str = self.id().to_string();
         let mut by_author: BTreeMap<EnterpriseId, Vec<usize>> = BTreeMap::new();
@@ -655,7 +677,21 @@ impl Document {
                 }
             }
         }
-        verify_sigs(&self.id(), &to_verify)?;
+        match defer {
+            None => verify_sigs(&self.id(), &to_verify)?,
+            Some(checks) => {
+                for (a, h, s) in &to_verify {
+                    let bad = IngestError::BadSignature {
+                        author: *a,
+                        hash: h.to_string(),
+                    };
+                    match SigCheck::change(a, &self.id(), h, s, bad.clone()) {
+                        Some(c) => checks.push(c),
+                        None => return Err(bad),
+                    }
+                }
+            }
+        }
         let sorted = if by_author.len() == 1 {
             // One author: its chain (checked above, seq by seq) is already a causal order.
             by_author.into_values().next().unwrap_or_default()

@@ -61,6 +61,67 @@ impl fmt::Debug for Keypair {
     }
 }
 
+/// A signature check left to the caller, so that the checks of many messages can be
+/// verified in one ed25519 batch (about twice as fast per signature as one by one).
+/// Carries the refusal to report if this signature turns out bad.
+pub struct SigCheck {
+    key: VerifyingKey,
+    msg: Vec<u8>,
+    sig: Signature,
+    /// What the message is refused with if this signature is bad.
+    pub error: crate::error::IngestError,
+}
+
+impl SigCheck {
+    /// A change signature by `author` over `hash` in `doc`; `None` if `author` is not a
+    /// valid key (the caller refuses that as it would a bad signature).
+    pub(crate) fn change(
+        author: &EnterpriseId,
+        doc: &DocId,
+        hash: &automerge::ChangeHash,
+        sig: &[u8; 64],
+        error: crate::error::IngestError,
+    ) -> Option<Self> {
+        Some(Self {
+            key: author.verifying_key()?,
+            msg: change_sig_payload(doc, hash),
+            sig: Signature::from_bytes(sig),
+            error,
+        })
+    }
+    /// A genesis signature by `owner` over the genesis `bytes`.
+    pub(crate) fn genesis(
+        owner: &EnterpriseId,
+        bytes: &[u8],
+        sig: &Signature,
+        error: crate::error::IngestError,
+    ) -> Option<Self> {
+        let mut msg = GENESIS_SIG_DOMAIN.to_vec();
+        msg.extend_from_slice(bytes);
+        Some(Self {
+            key: owner.verifying_key()?,
+            msg,
+            sig: *sig,
+            error,
+        })
+    }
+    /// Verifies this one signature on its own (strictly, as [`EnterpriseId::verify_change`]).
+    pub fn verify(&self) -> bool {
+        self.key.verify_strict(&self.msg, &self.sig).is_ok()
+    }
+    /// Verifies all of `checks` in one batch: `true` only if every one is valid. On
+    /// `false`, [`Self::verify`] each to find the bad ones.
+    pub fn verify_all(checks: &[SigCheck]) -> bool {
+        if checks.len() < 2 {
+            return checks.iter().all(SigCheck::verify);
+        }
+        let msgs: Vec<&[u8]> = checks.iter().map(|c| c.msg.as_slice()).collect();
+        let sigs: Vec<Signature> = checks.iter().map(|c| c.sig).collect();
+        let keys: Vec<VerifyingKey> = checks.iter().map(|c| c.key).collect();
+        ed25519_dalek::verify_batch(&msgs, &sigs, &keys).is_ok()
+    }
+}
+
 /// The bytes a change signature covers: domain, document id, change hash.
 pub(crate) fn change_sig_payload(doc: &DocId, hash: &automerge::ChangeHash) -> Vec<u8> {
     let mut payload = Vec::with_capacity(CHANGE_SIG_DOMAIN.len() + 16 + 32);
@@ -185,6 +246,45 @@ impl<'de> serde::Deserialize<'de> for EnterpriseId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_of_signature_checks_fails_if_any_one_is_bad() {
+        let doc = DocId([1; 16]);
+        let keys: Vec<Keypair> = (0..5u8)
+            .map(|i| Keypair::from_secret([i + 1; 32]))
+            .collect();
+        let err = || crate::error::IngestError::TooLarge("test".into());
+        let mut checks: Vec<SigCheck> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                let h = automerge::ChangeHash([i as u8; 32]);
+                let sig = k.sign_change(&doc, &h).to_bytes();
+                SigCheck::change(&k.id(), &doc, &h, &sig, err()).unwrap()
+            })
+            .collect();
+        let g = b"{\"genesis\":1}";
+        checks.push(SigCheck::genesis(&keys[0].id(), g, &keys[0].sign_genesis(g), err()).unwrap());
+        assert!(SigCheck::verify_all(&checks));
+        assert!(checks.iter().all(SigCheck::verify));
+        // Key 2's signature over change 2 presented as key 3's.
+        let h = automerge::ChangeHash([2; 32]);
+        let sig = keys[2].sign_change(&doc, &h).to_bytes();
+        checks[3] = SigCheck::change(&keys[3].id(), &doc, &h, &sig, err()).unwrap();
+        assert!(!SigCheck::verify_all(&checks));
+        let bad: Vec<usize> = (0..checks.len()).filter(|i| !checks[*i].verify()).collect();
+        assert_eq!(bad, vec![3]);
+        // A genesis signature is not a change signature (domains differ).
+        let as_change = SigCheck::change(
+            &keys[0].id(),
+            &doc,
+            &h,
+            &keys[0].sign_genesis(g).to_bytes(),
+            err(),
+        )
+        .unwrap();
+        assert!(!as_change.verify());
+    }
 
     #[test]
     fn id_round_trips_and_rejects_typos() {

@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::doc::{DocId, Kind, SignedGenesis};
 use crate::document::{Accepted, Clock, Document, Prepared};
 use crate::error::{EditError, GenesisError, IngestError};
-use crate::identity::{EnterpriseId, Keypair};
+use crate::identity::{EnterpriseId, Keypair, SigCheck};
 use crate::wire::{Payload, SyncMessage};
 
 /// Target size of one chunk of changes.
@@ -42,6 +42,17 @@ pub struct PreparedMsg {
 }
 
 impl PreparedMsg {
+    /// Refuses the message with `error` (a deferred signature check failed): a bad
+    /// genesis signature refuses the genesis, any other the changes.
+    pub fn refuse(&mut self, error: IngestError) {
+        match (error, &mut self.changes) {
+            (IngestError::Genesis(g), _) => self.genesis = Some(Err(g)),
+            (e, Some(p)) => p.refuse(e),
+            // Nothing was prepared that this check could belong to: nothing to refuse.
+            (_, None) => {}
+        }
+    }
+
     /// Whether anything was verified (a message with neither a new genesis nor changes
     /// for a held document gains nothing from being prepared).
     pub fn is_empty(&self) -> bool {
@@ -449,6 +460,32 @@ impl Replica {
             },
             changes: match (&msg.payload, held) {
                 (Payload::Changes(batch), Some(doc)) if changes => Some(doc.prepare(batch)),
+                _ => None,
+            },
+        }
+    }
+
+    /// [`Self::prepare`], leaving the signature checks (genesis and changes) to the
+    /// caller: they are appended to `checks`, and what is prepared holds only if all of
+    /// them pass; for a check that fails, call [`PreparedMsg::refuse`] with its error.
+    pub fn prepare_deferred(
+        &self,
+        msg: &SyncMessage,
+        changes: bool,
+        checks: &mut Vec<SigCheck>,
+    ) -> PreparedMsg {
+        let held = self.docs.get(&msg.doc);
+        PreparedMsg {
+            genesis: match (&msg.genesis, held) {
+                (Some((g, sig)), None) => {
+                    Some(SignedGenesis::from_parts_deferred(g.clone(), *sig, checks))
+                }
+                _ => None,
+            },
+            changes: match (&msg.payload, held) {
+                (Payload::Changes(batch), Some(doc)) if changes => {
+                    Some(doc.prepare_deferred(batch, checks))
+                }
                 _ => None,
             },
         }
