@@ -1594,7 +1594,7 @@ fn prepare_frame(replica: &Replica, msgs: &[SyncMessage]) -> Vec<PreparedMsg> {
         let mut done = Vec::with_capacity(half.len());
         for &i in half {
             let before = checks.len();
-            let p = replica.prepare_deferred(&msgs[i], count[&msgs[i].doc] == 1, &mut checks);
+            let p = replica.prepare(&msgs[i], count[&msgs[i].doc] == 1, &mut checks);
             owner.extend(std::iter::repeat_n(done.len(), checks.len() - before));
             done.push((i, p));
         }

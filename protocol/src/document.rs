@@ -18,11 +18,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use automerge::transaction::{CommitOptions, Transaction};
 use automerge::{Automerge, Change, ChangeHash, ReadDoc};
-use ed25519_dalek::Signature;
 
 use crate::doc::{DocId, Genesis, SignedGenesis, Visibility};
 use crate::error::{EditError, IngestError};
-use crate::identity::{change_sig_payload, EnterpriseId, Keypair, SigCheck};
+use crate::identity::{EnterpriseId, Keypair, SigCheck};
 use crate::rules;
 
 /// What a peer holds: for each author, the highest change sequence number.
@@ -149,10 +148,6 @@ impl ChangeInfo for automerge::ChangeMetadata<'_> {
     fn message(&self) -> Option<&str> {
         self.message.as_deref()
     }
-}
-
-fn sig_ok(author: &EnterpriseId, doc: &DocId, hash: &ChangeHash, sig: &[u8; 64]) -> bool {
-    author.verify_change(doc, hash, &Signature::from_bytes(sig))
 }
 
 impl Document {
@@ -801,32 +796,21 @@ fn verify_sigs(
     doc: &DocId,
     items: &[(EnterpriseId, ChangeHash, [u8; 64])],
 ) -> Result<(), IngestError> {
-    if items.len() >= 4 {
-        let payloads: Vec<Vec<u8>> = items
-            .iter()
-            .map(|(_, h, _)| change_sig_payload(doc, h))
-            .collect();
-        let msgs: Vec<&[u8]> = payloads.iter().map(|p| p.as_slice()).collect();
-        let sigs: Vec<Signature> = items
-            .iter()
-            .map(|(_, _, s)| Signature::from_bytes(s))
-            .collect();
-        let keys: Option<Vec<_>> = items.iter().map(|(a, _, _)| a.verifying_key()).collect();
-        if let Some(keys) = keys {
-            if ed25519_dalek::verify_batch(&msgs, &sigs, &keys).is_ok() {
-                return Ok(());
-            }
-        }
-    }
+    let bad = |a: &EnterpriseId, h: &ChangeHash| IngestError::BadSignature {
+        author: *a,
+        hash: h.to_string(),
+    };
+    let mut checks = Vec::with_capacity(items.len());
     for (a, h, s) in items {
-        if !sig_ok(a, doc, h, s) {
-            return Err(IngestError::BadSignature {
-                author: *a,
-                hash: h.to_string(),
-            });
-        }
+        checks.push(SigCheck::change(a, doc, h, s, bad(a, h)).ok_or_else(|| bad(a, h))?);
     }
-    Ok(())
+    if SigCheck::verify_all(&checks) {
+        return Ok(());
+    }
+    match checks.into_iter().find(|c| !c.verify()) {
+        Some(c) => Err(c.error),
+        None => Ok(()),
+    }
 }
 
 /// The indices of `changes` in an order where every change follows its deps (ties broken

@@ -448,27 +448,13 @@ impl Replica {
     /// Verifies what a message carries against the replica as it is now, without
     /// changing anything (`&self`: the node prepares the messages of one frame on
     /// several threads, then hands each to [`Self::receive_prepared`] in order): the
-    /// genesis of a document we lack (its signature) and, with `changes`, the changes for a
-    /// document we hold (a caller leaves them out when an earlier message of the same
-    /// frame may change that document first).
-    pub fn prepare(&self, msg: &SyncMessage, changes: bool) -> PreparedMsg {
-        let held = self.docs.get(&msg.doc);
-        PreparedMsg {
-            genesis: match (&msg.genesis, held) {
-                (Some((g, sig)), None) => Some(SignedGenesis::from_parts(g.clone(), *sig)),
-                _ => None,
-            },
-            changes: match (&msg.payload, held) {
-                (Payload::Changes(batch), Some(doc)) if changes => Some(doc.prepare(batch)),
-                _ => None,
-            },
-        }
-    }
-
-    /// [`Self::prepare`], leaving the signature checks (genesis and changes) to the
-    /// caller: they are appended to `checks`, and what is prepared holds only if all of
-    /// them pass; for a check that fails, call [`PreparedMsg::refuse`] with its error.
-    pub fn prepare_deferred(
+    /// genesis of a document we lack and, with `changes`, the changes for a document we
+    /// hold (a caller leaves them out when an earlier message of the same frame may
+    /// change that document first). Signature checks are left to the caller, to verify
+    /// a frame's in one batch: they are appended to `checks`, and what is prepared holds
+    /// only if all of them pass; for a check that fails, call [`PreparedMsg::refuse`]
+    /// with its error.
+    pub fn prepare(
         &self,
         msg: &SyncMessage,
         changes: bool,
