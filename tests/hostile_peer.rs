@@ -931,6 +931,27 @@ impl Hostile {
     }
 }
 
+/// A sync message about `doc` as its holder would send it, carrying what an edit
+/// added (and the genesis if `with_genesis`).
+fn carrying(doc: &Document, with_genesis: bool, added: cofab_protocol::Accepted) -> SyncMessage {
+    SyncMessage {
+        doc: doc.id(),
+        genesis: with_genesis.then(|| {
+            (
+                doc.signed_genesis().bytes().to_vec(),
+                doc.signed_genesis().signature(),
+            )
+        }),
+        clock: doc.clock(),
+        heads: doc.heads(),
+        payload: Payload::Changes(ChangeBatch {
+            changes: added.changes,
+            sigs: added.sigs,
+        }),
+        decline: false,
+    }
+}
+
 /// A frame large enough to be verified on two threads (greetings of 12 documents, each
 /// with its genesis and first changes), one of whose geneses carries the signature of
 /// another: the forged one is refused as `genesis` (counted once) and never held, the
@@ -951,20 +972,7 @@ async fn forged_signatures_in_a_large_frame_are_refused_and_the_rest_taken() {
             ..Default::default()
         };
         let (doc, acc) = model::create_order(&sender.key, &input, 1_000 + i as i64, i).unwrap();
-        msgs.push(SyncMessage {
-            doc: doc.id(),
-            genesis: Some((
-                doc.signed_genesis().bytes().to_vec(),
-                doc.signed_genesis().signature(),
-            )),
-            clock: doc.clock(),
-            heads: doc.heads(),
-            payload: Payload::Changes(ChangeBatch {
-                changes: acc.changes,
-                sigs: acc.sigs,
-            }),
-            decline: false,
-        });
+        msgs.push(carrying(&doc, true, acc));
         docs.push(doc.id());
     }
     // Message 5 gets message 6's genesis signature.
@@ -1036,17 +1044,7 @@ async fn forged_signatures_in_a_large_frame_are_refused_and_the_rest_taken() {
             let (h, _) = acc.sigs[0];
             acc.sigs = vec![(h, forger.sign_change(&doc.id(), &h).to_bytes())];
         }
-        msgs.push(SyncMessage {
-            doc: doc.id(),
-            genesis: None,
-            clock: doc.clock(),
-            heads: doc.heads(),
-            payload: Payload::Changes(ChangeBatch {
-                changes: acc.changes,
-                sigs: acc.sigs,
-            }),
-            decline: false,
-        });
+        msgs.push(carrying(doc, false, acc));
     }
     let forged_comment = honest[3];
     let before = s.rejected().await;
