@@ -382,11 +382,12 @@ pub fn mono_ns() -> u64 {
 }
 
 /// With `COFAB_HOPS` set, prints `HOP <CLOCK_MONOTONIC ns> <tag>` to stderr at each hop
-/// of a change's way from a local edit to a peer's subscribers (`cmd` edit command taken,
-/// `edited` change made, signed and rule-checked, `commit` group handed to the store thread, `st0`/`st1` store write begun/durable,
-/// `durable` back on the event loop, `send` frame handed to libp2p; on the peer: `recv`,
-/// `decoded`, `received` verified and applied, `event` published). `node/scripts/hops.py`
-/// turns a run of `cofab bench --scenarios a` into per-hop medians. Off: one load and branch.
+/// of a change's way from a local edit to a peer's subscribers: `cmd` edit command taken,
+/// `edited` change made, signed and rule-checked, `commit` group handed to the store
+/// thread, `st0`/`st1` store write begun/durable, `durable` back on the event loop, `send`
+/// frame handed to libp2p; on the peer `recv`, `decoded`, `received` (verified and
+/// applied), `event` (published). `node/scripts/hops.py` turns a run of
+/// `cofab bench --scenarios a` into per-hop medians. Off, it costs a load and a branch.
 fn hop(tag: &str) {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     if *ON.get_or_init(|| std::env::var_os("COFAB_HOPS").is_some()) {
