@@ -52,12 +52,6 @@ impl PreparedMsg {
             (_, None) => {}
         }
     }
-
-    /// Whether anything was verified (a message with neither a new genesis nor changes
-    /// for a held document gains nothing from being prepared).
-    pub fn is_empty(&self) -> bool {
-        self.genesis.is_none() && self.changes.is_none()
-    }
 }
 
 impl SyncMessage {

@@ -542,3 +542,112 @@ fn unknown_wire_version_is_refused() {
         Err(DecodeError::UnknownVersion(WIRE_VERSION + 1))
     );
 }
+
+/// The batched path the node uses for large frames (`Replica::prepare` leaves the
+/// signature checks to the caller, who verifies them in one batch and refuses the
+/// messages whose check fails): a forged genesis and a forged change signature are
+/// refused with the same errors as one by one, and the honest messages are taken.
+#[test]
+fn batched_signature_checks_refuse_exactly_the_forged_messages() {
+    use cofab_protocol::identity::SigCheck;
+    use cofab_protocol::GenesisError;
+    let w = world(Visibility::Public);
+    let hostile = kp(9);
+    // Three new public orders by the hostile peer, greeted with their genesis and changes;
+    // the second carries the third's genesis signature.
+    let mut docs = Vec::new();
+    let mut msgs = Vec::new();
+    for i in 0..3u64 {
+        let input = OrderInput {
+            title: format!("frame {i}"),
+            quantity: 1,
+            ..Default::default()
+        };
+        let (d, acc) = model::create_order(&hostile, &input, NOW, 100 + i).unwrap();
+        msgs.push(SyncMessage {
+            doc: d.id(),
+            genesis: Some((
+                d.signed_genesis().bytes().to_vec(),
+                d.signed_genesis().signature(),
+            )),
+            clock: d.clock(),
+            heads: d.heads(),
+            payload: Payload::Changes(ChangeBatch {
+                changes: acc.changes,
+                sigs: acc.sigs,
+            }),
+            decline: false,
+        });
+        docs.push(d);
+    }
+    let third = msgs[2].genesis.as_ref().unwrap().1;
+    msgs[1].genesis.as_mut().unwrap().1 = third;
+    // A comment on the order the receiver holds, signed by someone else's key.
+    let mut order = w.order.clone();
+    let acc = model::comment(&mut order, &hostile, NOW, "forged").unwrap();
+    let h = acc.sigs[0].0;
+    msgs.push(changes_msg(
+        w.order.id(),
+        ChangeBatch {
+            changes: acc.changes,
+            sigs: vec![(h, w.s1.sign_change(&w.order.id(), &h).to_bytes())],
+        },
+    ));
+
+    let mut rx = receiver_with(&w.receiver, &w.order, &hostile);
+    let mut checks = Vec::new();
+    let mut owner = Vec::new();
+    let mut prepared = Vec::new();
+    for (k, m) in msgs.iter().enumerate() {
+        let before = checks.len();
+        prepared.push(rx.prepare(m, true, &mut checks));
+        owner.extend(std::iter::repeat_n(k, checks.len() - before));
+    }
+    // 3 geneses and the comment's signature (the changes of a document not yet held are
+    // verified when applied, after its genesis).
+    assert_eq!(checks.len(), 4);
+    assert!(
+        !SigCheck::verify_all(&checks),
+        "a batch with forged signatures passed"
+    );
+    let bad: Vec<usize> = checks
+        .iter()
+        .zip(&owner)
+        .filter(|(c, _)| !c.verify())
+        .map(|(_, k)| *k)
+        .collect();
+    assert_eq!(
+        bad,
+        vec![1, 3],
+        "exactly the forged genesis and the forged comment"
+    );
+    for (c, k) in checks.into_iter().zip(owner) {
+        if !c.verify() {
+            prepared[k].refuse(c.error);
+        }
+    }
+    let mut errors = Vec::new();
+    for (m, p) in msgs.into_iter().zip(prepared) {
+        for o in rx.receive_prepared(hostile.id(), m, NOW, p) {
+            if let Output::Rejected { error, .. } = o {
+                errors.push(error);
+            }
+        }
+    }
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert_eq!(errors[0], IngestError::Genesis(GenesisError::BadSignature));
+    assert!(
+        matches!(&errors[1], IngestError::BadSignature { author, .. } if *author == hostile.id())
+    );
+    assert!(rx
+        .doc(&docs[0].id())
+        .is_some_and(|d| d.heads() == docs[0].heads()));
+    assert!(
+        rx.doc(&docs[1].id()).is_none(),
+        "the forged genesis is held"
+    );
+    assert!(rx
+        .doc(&docs[2].id())
+        .is_some_and(|d| d.heads() == docs[2].heads()));
+    assert_eq!(rx.doc(&w.order.id()).unwrap().heads(), w.order.heads());
+}
