@@ -1587,8 +1587,9 @@ fn prepare_frame(replica: &Replica, msgs: &[SyncMessage]) -> Vec<PreparedMsg> {
         return out;
     }
     // Each thread prepares its half with the signature checks left out, then verifies
-    // the half's signatures (geneses and change batches) in one ed25519 batch; only if
-    // the batch fails are they checked one by one, to refuse exactly the bad messages.
+    // the half's signatures (geneses and change batches, each strictly: see
+    // `SigCheck::verify_all`); if any fails, they are checked one by one to refuse
+    // exactly the bad messages.
     let prepare_half = |half: &[usize]| -> Vec<(usize, PreparedMsg)> {
         let mut checks = Vec::new();
         let mut owner = Vec::new();

@@ -61,9 +61,9 @@ impl fmt::Debug for Keypair {
     }
 }
 
-/// A signature check left to the caller, so that the checks of many messages can be
-/// verified in one ed25519 batch (about twice as fast per signature as one by one).
-/// Carries the refusal to report if this signature turns out bad.
+/// A signature check left to the caller, so that the checks of many messages can be made
+/// together, off the thread that applies them (the node verifies a frame's on two
+/// threads). Carries the refusal to report if this signature turns out bad.
 pub struct SigCheck {
     key: VerifyingKey,
     msg: Vec<u8>,
@@ -109,16 +109,16 @@ impl SigCheck {
     pub fn verify(&self) -> bool {
         self.key.verify_strict(&self.msg, &self.sig).is_ok()
     }
-    /// Verifies all of `checks` in one batch: `true` only if every one is valid. On
-    /// `false`, [`Self::verify`] each to find the bad ones.
+    /// Verifies all of `checks`, each strictly: `true` only if every one is valid.
+    ///
+    /// Not an ed25519 batch: ed25519-dalek's `verify_batch` can accept a signature whose
+    /// R carries a small torsion component (its random weights come from a transcript the
+    /// sender controls) that `verify_strict` refuses. A forger with its own key could then
+    /// craft a change that nodes verifying it in a batch accept and nodes verifying it
+    /// alone refuse — splitting peers and getting honest relayers banned. Every peer must
+    /// reach the same verdict on the same bytes, so every signature is checked strictly.
     pub fn verify_all(checks: &[SigCheck]) -> bool {
-        if checks.len() < 2 {
-            return checks.iter().all(SigCheck::verify);
-        }
-        let msgs: Vec<&[u8]> = checks.iter().map(|c| c.msg.as_slice()).collect();
-        let sigs: Vec<Signature> = checks.iter().map(|c| c.sig).collect();
-        let keys: Vec<VerifyingKey> = checks.iter().map(|c| c.key).collect();
-        ed25519_dalek::verify_batch(&msgs, &sigs, &keys).is_ok()
+        checks.iter().all(SigCheck::verify)
     }
 }
 
@@ -246,6 +246,61 @@ impl<'de> serde::Deserialize<'de> for EnterpriseId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Why `SigCheck::verify_all` checks each signature strictly instead of using
+    /// ed25519-dalek's batch: a signer can put a small torsion point into R. Such a
+    /// signature fails `verify_strict`, yet passes a batch whenever the batch's random
+    /// weight for it is even — and that weight comes from a transcript of the batch's
+    /// contents, which the sender chooses. We refuse it either way.
+    #[test]
+    fn a_torsioned_signature_that_a_batch_accepts_is_refused() {
+        use curve25519_dalek::constants::ED25519_BASEPOINT_POINT;
+        use curve25519_dalek::edwards::CompressedEdwardsY;
+        use curve25519_dalek::scalar::Scalar;
+        use curve25519_dalek::traits::IsIdentity;
+        use sha2::Sha512;
+        let seed = [11u8; 32];
+        let kp = Keypair::from_secret(seed);
+        let public = kp.signing.verifying_key();
+        let a = ed25519_dalek::hazmat::ExpandedSecretKey::from_bytes(&Sha512::digest(seed).into())
+            .scalar;
+        // The point of order 2: y = -1.
+        let mut y = [0xffu8; 32];
+        y[0] = 0xec;
+        y[31] = 0x7f;
+        let t = CompressedEdwardsY(y).decompress().unwrap();
+        assert!(t.is_small_order() && !t.is_identity());
+        let doc = DocId([3; 16]);
+        let mut batch_accepted = 0;
+        for r in 1u64..=64 {
+            let hash = automerge::ChangeHash([r as u8; 32]);
+            let msg = change_sig_payload(&doc, &hash);
+            let big_r = (Scalar::from(r) * ED25519_BASEPOINT_POINT + t).compress();
+            let k: [u8; 64] = Sha512::new()
+                .chain_update(big_r.as_bytes())
+                .chain_update(public.as_bytes())
+                .chain_update(&msg)
+                .finalize()
+                .into();
+            let s = Scalar::from(r) + Scalar::from_bytes_mod_order_wide(&k) * a;
+            let mut sig = [0u8; 64];
+            sig[..32].copy_from_slice(big_r.as_bytes());
+            sig[32..].copy_from_slice(s.as_bytes());
+            let signature = Signature::from_bytes(&sig);
+            assert!(public.verify_strict(&msg, &signature).is_err());
+            if ed25519_dalek::verify_batch(&[msg.as_slice()], &[signature], &[public]).is_ok() {
+                batch_accepted += 1;
+            }
+            let err = crate::error::IngestError::TooLarge("test".into());
+            let check = SigCheck::change(&kp.id(), &doc, &hash, &sig, err).unwrap();
+            assert!(!check.verify());
+            assert!(!SigCheck::verify_all(&[check]));
+        }
+        assert!(
+            batch_accepted > 0,
+            "no crafted signature passed a batch: the premise of this test changed"
+        );
+    }
 
     #[test]
     fn a_batch_of_signature_checks_fails_if_any_one_is_bad() {

@@ -444,10 +444,10 @@ impl Replica {
     /// several threads, then hands each to [`Self::receive_prepared`] in order): the
     /// genesis of a document we lack and, with `changes`, the changes for a document we
     /// hold (a caller leaves them out when an earlier message of the same frame may
-    /// change that document first). Signature checks are left to the caller, to verify
-    /// a frame's in one batch: they are appended to `checks`, and what is prepared holds
-    /// only if all of them pass; for a check that fails, call [`PreparedMsg::refuse`]
-    /// with its error.
+    /// change that document first). Signature checks are left to the caller (the node
+    /// verifies a frame's together on its prepare threads): they are appended to
+    /// `checks`, and what is prepared holds only if all of them pass; for a check that
+    /// fails, call [`PreparedMsg::refuse`] with its error.
     pub fn prepare(
         &self,
         msg: &SyncMessage,
