@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cofab_protocol::document::{Accepted, Document};
-use cofab_protocol::identity::SigCheck;
 use cofab_protocol::sync::{FetchPolicy, Output, PreparedMsg, Replica, ReplicaError};
 use cofab_protocol::wire::{Announcement, Frame, SyncMessage, MAX_FRAME_BYTES};
 use cofab_protocol::{DocId, EditError, EnterpriseId, Keypair, Kind, Visibility};
@@ -1586,28 +1585,10 @@ fn prepare_frame(replica: &Replica, msgs: &[SyncMessage]) -> Vec<PreparedMsg> {
     if eligible.len() < PARALLEL_MIN_MESSAGES {
         return out;
     }
-    // Each thread prepares its half with the signature checks left out, then verifies
-    // the half's signatures (geneses and change batches, each strictly: see
-    // `SigCheck::verify_all`); if any fails, they are checked one by one to refuse
-    // exactly the bad messages.
     let prepare_half = |half: &[usize]| -> Vec<(usize, PreparedMsg)> {
-        let mut checks = Vec::new();
-        let mut owner = Vec::new();
-        let mut done = Vec::with_capacity(half.len());
-        for &i in half {
-            let before = checks.len();
-            let p = replica.prepare(&msgs[i], count[&msgs[i].doc] == 1, &mut checks);
-            owner.extend(std::iter::repeat_n(done.len(), checks.len() - before));
-            done.push((i, p));
-        }
-        if !SigCheck::verify_all(&checks) {
-            for (c, k) in checks.into_iter().zip(owner) {
-                if !c.verify() {
-                    done[k].1.refuse(c.error);
-                }
-            }
-        }
-        done
+        half.iter()
+            .map(|&i| (i, replica.prepare(&msgs[i], count[&msgs[i].doc] == 1)))
+            .collect()
     };
     let (left, right) = eligible.split_at(eligible.len() / 2);
     let other = std::thread::scope(|scope| {

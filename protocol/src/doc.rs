@@ -207,24 +207,6 @@ impl SignedGenesis {
 
     /// Checks and parses a genesis received from elsewhere.
     pub fn from_parts(bytes: Vec<u8>, sig: [u8; 64]) -> Result<Self, GenesisError> {
-        Self::from_parts_with(bytes, sig, None)
-    }
-
-    /// [`Self::from_parts`], leaving the signature check to the caller (appended to
-    /// `checks`; the result holds only if it passes).
-    pub fn from_parts_deferred(
-        bytes: Vec<u8>,
-        sig: [u8; 64],
-        checks: &mut Vec<crate::identity::SigCheck>,
-    ) -> Result<Self, GenesisError> {
-        Self::from_parts_with(bytes, sig, Some(checks))
-    }
-
-    fn from_parts_with(
-        bytes: Vec<u8>,
-        sig: [u8; 64],
-        defer: Option<&mut Vec<crate::identity::SigCheck>>,
-    ) -> Result<Self, GenesisError> {
         if bytes.len() > MAX_GENESIS_BYTES {
             return Err(GenesisError::TooLarge(bytes.len()));
         }
@@ -240,18 +222,8 @@ impl SignedGenesis {
             return Err(GenesisError::Malformed("owner listed as member".into()));
         }
         let sig = Signature::from_bytes(&sig);
-        match defer {
-            None if !genesis.owner.verify_genesis(&bytes, &sig) => {
-                return Err(GenesisError::BadSignature)
-            }
-            None => {}
-            Some(checks) => {
-                let bad = crate::error::IngestError::Genesis(GenesisError::BadSignature);
-                match crate::identity::SigCheck::genesis(&genesis.owner, &bytes, &sig, bad) {
-                    Some(c) => checks.push(c),
-                    None => return Err(GenesisError::BadSignature),
-                }
-            }
+        if !genesis.owner.verify_genesis(&bytes, &sig) {
+            return Err(GenesisError::BadSignature);
         }
         let digest = Sha256::digest(&bytes);
         let mut id = [0u8; 16];

@@ -21,7 +21,7 @@ use automerge::{Automerge, Change, ChangeHash, ReadDoc};
 
 use crate::doc::{DocId, Genesis, SignedGenesis, Visibility};
 use crate::error::{EditError, IngestError};
-use crate::identity::{EnterpriseId, Keypair, SigCheck};
+use crate::identity::{EnterpriseId, Keypair};
 use crate::rules;
 
 /// What a peer holds: for each author, the highest change sequence number.
@@ -66,13 +66,6 @@ pub struct Prepared {
     base: Vec<ChangeHash>,
     /// `Ok(None)`: nothing new in the batch.
     result: Result<Option<Box<Ready>>, IngestError>,
-}
-
-impl Prepared {
-    /// Turns this into a refusal (a deferred signature check failed).
-    pub fn refuse(&mut self, error: IngestError) {
-        self.result = Err(error);
-    }
 }
 
 struct Ready {
@@ -406,25 +399,11 @@ impl Document {
     pub fn prepare(&self, batch: &ChangeBatch) -> Prepared {
         Prepared {
             base: self.doc.get_heads(),
-            result: self.prepare_inner(batch, None),
+            result: self.prepare_inner(batch),
         }
     }
 
-    /// [`Self::prepare`], leaving the signature checks to the caller: they are appended
-    /// to `checks`, and the result holds only if every one of them passes (a caller that
-    /// finds one bad refuses the batch with [`Prepared::refuse`] and the check's error).
-    pub fn prepare_deferred(&self, batch: &ChangeBatch, checks: &mut Vec<SigCheck>) -> Prepared {
-        Prepared {
-            base: self.doc.get_heads(),
-            result: self.prepare_inner(batch, Some(checks)),
-        }
-    }
-
-    fn prepare_inner(
-        &self,
-        batch: &ChangeBatch,
-        defer: Option<&mut Vec<SigCheck>>,
-    ) -> Result<Option<Box<Ready>>, IngestError> {
+    fn prepare_inner(&self, batch: &ChangeBatch) -> Result<Option<Box<Ready>>, IngestError> {
         if batch.changes.len() > MAX_CHANGES_PER_BATCH {
             return Err(IngestError::TooLarge(format!(
                 "{} changes",
@@ -447,7 +426,7 @@ impl Document {
             return Ok(None);
         }
         let sigs: HashMap<ChangeHash, [u8; 64]> = batch.sigs.iter().copied().collect();
-        let (order, verified) = self.verify_fresh(&fresh, &sigs, true, defer)?;
+        let (order, verified) = self.verify_fresh(&fresh, &sigs, true)?;
         let sorted: Vec<&Change> = order.iter().map(|&i| &fresh[i]).collect();
         let mut scratch = self.doc.clone();
         catch(|| scratch.apply_changes(sorted.iter().map(|c| (*c).clone())))
@@ -526,7 +505,7 @@ impl Document {
             return Err(IngestError::TooLarge(format!("{} changes", metas.len())));
         }
         let sigs: HashMap<ChangeHash, [u8; 64]> = sigs.into_iter().collect();
-        let (sorted, verified) = self.verify_fresh(&metas, &sigs, false, None)?;
+        let (sorted, verified) = self.verify_fresh(&metas, &sigs, false)?;
         let sorted: Vec<&automerge::ChangeMetadata<'_>> =
             sorted.iter().map(|&i| &metas[i]).collect();
         if !scratch.get_missing_deps(&[]).is_empty() {
@@ -590,7 +569,6 @@ impl Document {
         fresh: &[C],
         sigs: &HashMap<ChangeHash, [u8; 64]>,
         check_deps: bool,
-        defer: Option<&mut Vec<SigCheck>>,
     ) -> Result<(Vec<usize>, Vec<(ChangeHash, [u8; 64])>), IngestError> {
         let doc_str = self.id().to_string();
         let mut by_author: BTreeMap<EnterpriseId, Vec<usize>> = BTreeMap::new();
@@ -672,21 +650,7 @@ impl Document {
                 }
             }
         }
-        match defer {
-            None => verify_sigs(&self.id(), &to_verify)?,
-            Some(checks) => {
-                for (a, h, s) in &to_verify {
-                    let bad = IngestError::BadSignature {
-                        author: *a,
-                        hash: h.to_string(),
-                    };
-                    match SigCheck::change(a, &self.id(), h, s, bad.clone()) {
-                        Some(c) => checks.push(c),
-                        None => return Err(bad),
-                    }
-                }
-            }
-        }
+        verify_sigs(&self.id(), &to_verify)?;
         let sorted = if by_author.len() == 1 {
             // One author: its chain (checked above, seq by seq) is already a causal order.
             by_author.into_values().next().unwrap_or_default()
@@ -792,25 +756,22 @@ impl Document {
     }
 }
 
+/// Checks each signature with `verify_strict` (never as an ed25519 batch: a batch can
+/// accept a crafted signature that a strict check refuses, and every peer must reach the
+/// same verdict on the same bytes — see `identity::tests`).
 fn verify_sigs(
     doc: &DocId,
     items: &[(EnterpriseId, ChangeHash, [u8; 64])],
 ) -> Result<(), IngestError> {
-    let bad = |a: &EnterpriseId, h: &ChangeHash| IngestError::BadSignature {
-        author: *a,
-        hash: h.to_string(),
-    };
-    let mut checks = Vec::with_capacity(items.len());
     for (a, h, s) in items {
-        checks.push(SigCheck::change(a, doc, h, s, bad(a, h)).ok_or_else(|| bad(a, h))?);
+        if !a.verify_change(doc, h, &ed25519_dalek::Signature::from_bytes(s)) {
+            return Err(IngestError::BadSignature {
+                author: *a,
+                hash: h.to_string(),
+            });
+        }
     }
-    if SigCheck::verify_all(&checks) {
-        return Ok(());
-    }
-    match checks.into_iter().find(|c| !c.verify()) {
-        Some(c) => Err(c.error),
-        None => Ok(()),
-    }
+    Ok(())
 }
 
 /// The indices of `changes` in an order where every change follows its deps (ties broken

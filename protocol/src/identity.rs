@@ -61,67 +61,6 @@ impl fmt::Debug for Keypair {
     }
 }
 
-/// A signature check left to the caller, so that the checks of many messages can be made
-/// together, off the thread that applies them (the node verifies a frame's on two
-/// threads). Carries the refusal to report if this signature turns out bad.
-pub struct SigCheck {
-    key: VerifyingKey,
-    msg: Vec<u8>,
-    sig: Signature,
-    /// What the message is refused with if this signature is bad.
-    pub error: crate::error::IngestError,
-}
-
-impl SigCheck {
-    /// A change signature by `author` over `hash` in `doc`; `None` if `author` is not a
-    /// valid key (the caller refuses that as it would a bad signature).
-    pub(crate) fn change(
-        author: &EnterpriseId,
-        doc: &DocId,
-        hash: &automerge::ChangeHash,
-        sig: &[u8; 64],
-        error: crate::error::IngestError,
-    ) -> Option<Self> {
-        Some(Self {
-            key: author.verifying_key()?,
-            msg: change_sig_payload(doc, hash),
-            sig: Signature::from_bytes(sig),
-            error,
-        })
-    }
-    /// A genesis signature by `owner` over the genesis `bytes`.
-    pub(crate) fn genesis(
-        owner: &EnterpriseId,
-        bytes: &[u8],
-        sig: &Signature,
-        error: crate::error::IngestError,
-    ) -> Option<Self> {
-        let mut msg = GENESIS_SIG_DOMAIN.to_vec();
-        msg.extend_from_slice(bytes);
-        Some(Self {
-            key: owner.verifying_key()?,
-            msg,
-            sig: *sig,
-            error,
-        })
-    }
-    /// Verifies this one signature on its own (strictly, as [`EnterpriseId::verify_change`]).
-    pub fn verify(&self) -> bool {
-        self.key.verify_strict(&self.msg, &self.sig).is_ok()
-    }
-    /// Verifies all of `checks`, each strictly: `true` only if every one is valid.
-    ///
-    /// Not an ed25519 batch: ed25519-dalek's `verify_batch` can accept a signature whose
-    /// R carries a small torsion component (its random weights come from a transcript the
-    /// sender controls) that `verify_strict` refuses. A forger with its own key could then
-    /// craft a change that nodes verifying it in a batch accept and nodes verifying it
-    /// alone refuse — splitting peers and getting honest relayers banned. Every peer must
-    /// reach the same verdict on the same bytes, so every signature is checked strictly.
-    pub fn verify_all(checks: &[SigCheck]) -> bool {
-        checks.iter().all(SigCheck::verify)
-    }
-}
-
 /// The bytes a change signature covers: domain, document id, change hash.
 pub(crate) fn change_sig_payload(doc: &DocId, hash: &automerge::ChangeHash) -> Vec<u8> {
     let mut payload = Vec::with_capacity(CHANGE_SIG_DOMAIN.len() + 16 + 32);
@@ -247,7 +186,7 @@ impl<'de> serde::Deserialize<'de> for EnterpriseId {
 mod tests {
     use super::*;
 
-    /// Why `SigCheck::verify_all` checks each signature strictly instead of using
+    /// Why every signature is checked alone with `verify_strict` instead of in
     /// ed25519-dalek's batch: a signer can put a small torsion point into R. Such a
     /// signature fails `verify_strict`, yet passes a batch whenever the batch's random
     /// weight for it is even — and that weight comes from a transcript of the batch's
@@ -291,10 +230,7 @@ mod tests {
             if ed25519_dalek::verify_batch(&[msg.as_slice()], &[signature], &[public]).is_ok() {
                 batch_accepted += 1;
             }
-            let err = crate::error::IngestError::TooLarge("test".into());
-            let check = SigCheck::change(&kp.id(), &doc, &hash, &sig, err).unwrap();
-            assert!(!check.verify());
-            assert!(!SigCheck::verify_all(&[check]));
+            assert!(!kp.id().verify_change(&doc, &hash, &signature));
         }
         assert!(
             batch_accepted > 0,
@@ -303,42 +239,26 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_of_signature_checks_fails_if_any_one_is_bad() {
+    fn signatures_are_bound_to_key_document_hash_and_kind() {
         let doc = DocId([1; 16]);
         let keys: Vec<Keypair> = (0..5u8)
             .map(|i| Keypair::from_secret([i + 1; 32]))
             .collect();
-        let err = || crate::error::IngestError::TooLarge("test".into());
-        let mut checks: Vec<SigCheck> = keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| {
-                let h = automerge::ChangeHash([i as u8; 32]);
-                let sig = k.sign_change(&doc, &h).to_bytes();
-                SigCheck::change(&k.id(), &doc, &h, &sig, err()).unwrap()
-            })
-            .collect();
+        for (i, k) in keys.iter().enumerate() {
+            let h = automerge::ChangeHash([i as u8; 32]);
+            assert!(k.id().verify_change(&doc, &h, &k.sign_change(&doc, &h)));
+        }
         let g = b"{\"genesis\":1}";
-        checks.push(SigCheck::genesis(&keys[0].id(), g, &keys[0].sign_genesis(g), err()).unwrap());
-        assert!(SigCheck::verify_all(&checks));
-        assert!(checks.iter().all(SigCheck::verify));
+        assert!(keys[0].id().verify_genesis(g, &keys[0].sign_genesis(g)));
         // Key 2's signature over change 2 presented as key 3's.
         let h = automerge::ChangeHash([2; 32]);
-        let sig = keys[2].sign_change(&doc, &h).to_bytes();
-        checks[3] = SigCheck::change(&keys[3].id(), &doc, &h, &sig, err()).unwrap();
-        assert!(!SigCheck::verify_all(&checks));
-        let bad: Vec<usize> = (0..checks.len()).filter(|i| !checks[*i].verify()).collect();
-        assert_eq!(bad, vec![3]);
+        assert!(!keys[3]
+            .id()
+            .verify_change(&doc, &h, &keys[2].sign_change(&doc, &h)));
         // A genesis signature is not a change signature (domains differ).
-        let as_change = SigCheck::change(
-            &keys[0].id(),
-            &doc,
-            &h,
-            &keys[0].sign_genesis(g).to_bytes(),
-            err(),
-        )
-        .unwrap();
-        assert!(!as_change.verify());
+        assert!(!keys[0]
+            .id()
+            .verify_change(&doc, &h, &keys[0].sign_genesis(g)));
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::doc::{DocId, Kind, SignedGenesis};
 use crate::document::{Accepted, Clock, Document, Prepared};
 use crate::error::{EditError, GenesisError, IngestError};
-use crate::identity::{EnterpriseId, Keypair, SigCheck};
+use crate::identity::{EnterpriseId, Keypair};
 use crate::wire::{Payload, SyncMessage};
 
 /// Target size of one chunk of changes.
@@ -39,19 +39,6 @@ const MAX_UNANSWERED_HELLOS: u32 = 16;
 pub struct PreparedMsg {
     genesis: Option<Result<SignedGenesis, GenesisError>>,
     changes: Option<Prepared>,
-}
-
-impl PreparedMsg {
-    /// Refuses the message with `error` (a deferred signature check failed): a bad
-    /// genesis signature refuses the genesis, any other the changes.
-    pub fn refuse(&mut self, error: IngestError) {
-        match (error, &mut self.changes) {
-            (IngestError::Genesis(g), _) => self.genesis = Some(Err(g)),
-            (e, Some(p)) => p.refuse(e),
-            // Nothing was prepared that this check could belong to: nothing to refuse.
-            (_, None) => {}
-        }
-    }
 }
 
 impl SyncMessage {
@@ -444,28 +431,16 @@ impl Replica {
     /// several threads, then hands each to [`Self::receive_prepared`] in order): the
     /// genesis of a document we lack and, with `changes`, the changes for a document we
     /// hold (a caller leaves them out when an earlier message of the same frame may
-    /// change that document first). Signature checks are left to the caller (the node
-    /// verifies a frame's together on its prepare threads): they are appended to
-    /// `checks`, and what is prepared holds only if all of them pass; for a check that
-    /// fails, call [`PreparedMsg::refuse`] with its error.
-    pub fn prepare(
-        &self,
-        msg: &SyncMessage,
-        changes: bool,
-        checks: &mut Vec<SigCheck>,
-    ) -> PreparedMsg {
+    /// change that document first).
+    pub fn prepare(&self, msg: &SyncMessage, changes: bool) -> PreparedMsg {
         let held = self.docs.get(&msg.doc);
         PreparedMsg {
             genesis: match (&msg.genesis, held) {
-                (Some((g, sig)), None) => {
-                    Some(SignedGenesis::from_parts_deferred(g.clone(), *sig, checks))
-                }
+                (Some((g, sig)), None) => Some(SignedGenesis::from_parts(g.clone(), *sig)),
                 _ => None,
             },
             changes: match (&msg.payload, held) {
-                (Payload::Changes(batch), Some(doc)) if changes => {
-                    Some(doc.prepare_deferred(batch, checks))
-                }
+                (Payload::Changes(batch), Some(doc)) if changes => Some(doc.prepare(batch)),
                 _ => None,
             },
         }

@@ -543,13 +543,11 @@ fn unknown_wire_version_is_refused() {
     );
 }
 
-/// The batched path the node uses for large frames (`Replica::prepare` leaves the
-/// signature checks to the caller, who verifies them in one batch and refuses the
-/// messages whose check fails): a forged genesis and a forged change signature are
-/// refused with the same errors as one by one, and the honest messages are taken.
+/// The path the node uses for large frames (`Replica::prepare` on several threads, then
+/// `receive_prepared` in order): a forged genesis and a forged change signature are
+/// refused with the same errors as on the one-by-one path, and the honest messages taken.
 #[test]
-fn batched_signature_checks_refuse_exactly_the_forged_messages() {
-    use cofab_protocol::identity::SigCheck;
+fn prepared_messages_refuse_exactly_the_forged_signatures() {
     use cofab_protocol::GenesisError;
     let w = world(Visibility::Public);
     let hostile = kp(9);
@@ -595,37 +593,7 @@ fn batched_signature_checks_refuse_exactly_the_forged_messages() {
     ));
 
     let mut rx = receiver_with(&w.receiver, &w.order, &hostile);
-    let mut checks = Vec::new();
-    let mut owner = Vec::new();
-    let mut prepared = Vec::new();
-    for (k, m) in msgs.iter().enumerate() {
-        let before = checks.len();
-        prepared.push(rx.prepare(m, true, &mut checks));
-        owner.extend(std::iter::repeat_n(k, checks.len() - before));
-    }
-    // 3 geneses and the comment's signature (the changes of a document not yet held are
-    // verified when applied, after its genesis).
-    assert_eq!(checks.len(), 4);
-    assert!(
-        !SigCheck::verify_all(&checks),
-        "a batch with forged signatures passed"
-    );
-    let bad: Vec<usize> = checks
-        .iter()
-        .zip(&owner)
-        .filter(|(c, _)| !c.verify())
-        .map(|(_, k)| *k)
-        .collect();
-    assert_eq!(
-        bad,
-        vec![1, 3],
-        "exactly the forged genesis and the forged comment"
-    );
-    for (c, k) in checks.into_iter().zip(owner) {
-        if !c.verify() {
-            prepared[k].refuse(c.error);
-        }
-    }
+    let prepared: Vec<_> = msgs.iter().map(|m| rx.prepare(m, true)).collect();
     let mut errors = Vec::new();
     for (m, p) in msgs.into_iter().zip(prepared) {
         for o in rx.receive_prepared(hostile.id(), m, NOW, p) {
