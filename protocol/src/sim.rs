@@ -17,7 +17,7 @@ use rand::{Rng, SeedableRng};
 use crate::doc::{DocId, SignedGenesis};
 use crate::document::Document;
 use crate::identity::{EnterpriseId, Keypair};
-use crate::sync::{Output, Replica};
+use crate::sync::{Output, Replica, TICK_PEERS};
 use crate::wire::Frame;
 
 /// Fault settings.
@@ -338,9 +338,22 @@ impl SimNetwork {
         true
     }
 
-    /// Delivers messages and ticks every node until nothing is in flight and two ticks
-    /// in a row send nothing (a tick leaves an exchange that moved since the previous
-    /// tick alone). Panics with the seed if `max_steps` is exceeded.
+    /// Quiet ticks in a row that prove quiescence: two (a tick leaves an exchange that
+    /// moved since the previous tick alone), plus enough for every node's ticks to have
+    /// visited each of its peers (one tick visits at most [`TICK_PEERS`]).
+    fn quiet_ticks_needed(&self) -> usize {
+        let most = self
+            .nodes
+            .iter()
+            .map(|n| n.replica.connected().len())
+            .max()
+            .unwrap_or(0);
+        1 + most.div_ceil(TICK_PEERS).max(1)
+    }
+
+    /// Delivers messages and ticks every node until nothing is in flight and enough
+    /// ticks in a row send nothing ([`Self::quiet_ticks_needed`]). Panics with the seed
+    /// if `max_steps` is exceeded.
     pub fn run_until_quiescent(&mut self, max_steps: usize) {
         let mut steps = 0;
         let mut quiet_ticks = 0;
@@ -365,7 +378,7 @@ impl SimNetwork {
             }
             if !sent && self.queue.is_empty() {
                 quiet_ticks += 1;
-                if quiet_ticks >= 2 {
+                if quiet_ticks >= self.quiet_ticks_needed() {
                     return;
                 }
             } else {

@@ -30,6 +30,18 @@ pub const SNAPSHOT_MIN_CHANGES: usize = 16;
 pub const MAX_SNAPSHOT_BYTES: usize = 8 * 1024 * 1024;
 /// Repeated "missing deps" replies tolerated before a session pauses until the next tick.
 const MAX_MISSING_DEPS: u32 = 3;
+/// How many peers a node passes a received change on to (gossipsub's mesh degree).
+pub const FORWARD_FANOUT: usize = 6;
+/// How many connected peers one repair tick visits.
+pub const TICK_PEERS: usize = 8;
+
+/// A stable pseudo-random rank of `peer` for what `me` sends of `doc`.
+fn spread_rank(me: &EnterpriseId, peer: &EnterpriseId, doc: &DocId) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    (me, peer, doc).hash(&mut h);
+    h.finish()
+}
 /// Ticks in a row a peer may leave our hello unanswered before we stop greeting it until it
 /// speaks or reconnects (a member removed while away is ignored by every other member).
 const MAX_UNANSWERED_HELLOS: u32 = 16;
@@ -173,6 +185,8 @@ pub struct Replica {
     docs: BTreeMap<DocId, Document>,
     sessions: BTreeMap<(EnterpriseId, DocId), Session>,
     connected: BTreeSet<EnterpriseId>,
+    /// Ticks so far (which peers the next tick visits).
+    ticks: u64,
     /// Which public documents to fetch.
     pub policy: FetchPolicy,
     /// Counters.
@@ -210,6 +224,7 @@ impl Replica {
             docs: BTreeMap::new(),
             sessions: BTreeMap::new(),
             connected: BTreeSet::new(),
+            ticks: 0,
             policy: FetchPolicy::default(),
             stats: Stats::default(),
         }
@@ -645,12 +660,7 @@ impl Replica {
         out.extend(self.message_for(from, id, must_reply));
         // Forward what we just gained to the other connected peers.
         if ingested {
-            let peers: Vec<EnterpriseId> = self
-                .connected
-                .iter()
-                .copied()
-                .filter(|p| *p != from)
-                .collect();
+            let peers = self.forward_targets(from, id);
             let small = self
                 .docs
                 .get(&id)
@@ -682,11 +692,53 @@ impl Replica {
         out
     }
 
+    /// At most [`FORWARD_FANOUT`] connected peers (other than `from`, and not those that
+    /// told us they hold everything we hold) to pass what we just gained of `id` on to.
+    /// Forwarding to every peer costs O(peers²) frames per change in a dense mesh; the
+    /// others learn it from the creator, from other forwarders, or at the next `tick`.
+    /// The choice depends on us, the peer and the document, so forwarders of one document
+    /// spread it over different peers.
+    fn forward_targets(&self, from: EnterpriseId, id: DocId) -> Vec<EnterpriseId> {
+        let ours = self.docs.get(&id).map(|d| d.clock()).unwrap_or_default();
+        let mut ranked: Vec<(u64, EnterpriseId)> = self
+            .connected
+            .iter()
+            .filter(|p| **p != from)
+            .filter(|p| {
+                !self
+                    .sessions
+                    .get(&(**p, id))
+                    .and_then(|s| s.confirmed.as_ref())
+                    .is_some_and(|c| covers(c, &ours))
+            })
+            .map(|p| (spread_rank(&self.me.id(), p, &id), *p))
+            .collect();
+        ranked.sort_unstable();
+        ranked.truncate(FORWARD_FANOUT);
+        ranked.into_iter().map(|(_, p)| p).collect()
+    }
+
     /// Periodic work: re-offer documents to peers whose state is unknown or behind
     /// (recovers lost messages), and start sessions for newly allowed peers.
+    ///
+    /// With more than [`TICK_PEERS`] peers connected, one tick visits [`TICK_PEERS`] of
+    /// them in turn, so every peer is visited every `peers / TICK_PEERS` ticks: a dense
+    /// mesh otherwise pays a frame per pair per tick after every change (O(peers²)),
+    /// while changes themselves travel at once through `edit`, `create` and forwarding.
     pub fn tick(&mut self) -> Vec<Output> {
         let mut out = Vec::new();
-        let peers: Vec<EnterpriseId> = self.connected.iter().copied().collect();
+        let peers: Vec<EnterpriseId> = {
+            let all: Vec<EnterpriseId> = self.connected.iter().copied().collect();
+            if all.len() <= TICK_PEERS {
+                all
+            } else {
+                let start = (self.ticks as usize * TICK_PEERS) % all.len();
+                (0..TICK_PEERS)
+                    .map(|k| all[(start + k) % all.len()])
+                    .collect()
+            }
+        };
+        self.ticks += 1;
         // Each document's clock and heads once per tick, not once per (peer, document).
         let state: Vec<(DocId, Clock, Vec<automerge::ChangeHash>)> = self
             .docs

@@ -200,3 +200,56 @@ fn spliced_runs_are_signed_once_and_verified_by_peers() {
     assert_eq!(doc.heads(), heads, "a refused run leaves nothing behind");
     assert_eq!(model::design_view(&doc).unwrap().description.len(), 1500);
 }
+
+/// In a full mesh larger than the forwarding fan-out, a new order reaches everyone
+/// straight from its creator; the peers pass it on to at most `FORWARD_FANOUT` others
+/// each (forwarding to all would be O(peers²) frames), and the rotating repair ticks
+/// still bring every session up to date, so a later edit reaches everyone too.
+#[test]
+fn dense_mesh_forwarding_is_bounded_and_everyone_gets_order_and_edit() {
+    use cofab_protocol::sync::FORWARD_FANOUT;
+    const N: usize = 20;
+    let mut net = SimNetwork::new(9, Faults::default());
+    for _ in 0..N {
+        net.add_node();
+    }
+    let id = net.act(0, |r, now| {
+        let (doc, acc) = model::create_order(r.keypair(), &order(), now, 1).unwrap();
+        (doc.id(), r.create(doc, acc))
+    });
+    // Deliver what the creation set off, with no repair tick.
+    while net.step() {}
+    let peers = (N - 1) as u64;
+    let frames = net.delivered;
+    // The creator's frames and their answers, plus each peer's forwards and their answers
+    // (with room for peers that got a forward first and forwarded it again). Forwarding
+    // to every peer would be about 2·peers² = 722 frames.
+    let bound = peers * 2 + peers * 3 * FORWARD_FANOUT as u64;
+    assert!(
+        frames <= bound,
+        "{frames} frames for one order (bound {bound})"
+    );
+    for i in 0..N {
+        assert!(
+            net.nodes[i].replica.doc(&id).is_some(),
+            "node {i} lacks the order"
+        );
+    }
+    net.run_until_quiescent(100_000);
+    net.act(7, |r, now| {
+        r.edit(&id, now, |d, kp, now| {
+            model::comment(d, kp, now, "can do 500 by March")
+        })
+        .unwrap()
+    });
+    net.run_until_quiescent(100_000);
+    let heads = net.nodes[7].replica.doc(&id).unwrap().heads();
+    for i in 0..N {
+        assert_eq!(
+            net.nodes[i].replica.doc(&id).unwrap().heads(),
+            heads,
+            "node {i}"
+        );
+    }
+    assert!(net.rejections.is_empty(), "{:?}", net.rejections);
+}
