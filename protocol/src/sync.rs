@@ -692,18 +692,24 @@ impl Replica {
         out
     }
 
-    /// At most [`FORWARD_FANOUT`] connected peers (other than `from`, and not those that
-    /// told us they hold everything we hold) to pass what we just gained of `id` on to.
+    /// At most [`FORWARD_FANOUT`] connected peers (other than `from`, allowed to hold the
+    /// document, and not those that told us they hold everything we hold) to pass what we just gained of `id` on to.
     /// Forwarding to every peer costs O(peers²) frames per change in a dense mesh; the
     /// others learn it from the creator, from other forwarders, or at the next `tick`.
     /// The choice depends on us, the peer and the document, so forwarders of one document
     /// spread it over different peers.
     fn forward_targets(&self, from: EnterpriseId, id: DocId) -> Vec<EnterpriseId> {
-        let ours = self.docs.get(&id).map(|d| d.clock()).unwrap_or_default();
+        if self.connected.iter().all(|p| *p == from) {
+            return Vec::new();
+        }
+        let Some(doc) = self.docs.get(&id) else {
+            return Vec::new();
+        };
+        let ours = doc.clock();
         let mut ranked: Vec<(u64, EnterpriseId)> = self
             .connected
             .iter()
-            .filter(|p| **p != from)
+            .filter(|p| **p != from && doc.may_hold(p))
             .filter(|p| {
                 !self
                     .sessions
