@@ -134,9 +134,7 @@ async fn offline_node_catches_up() {
         .await
         .unwrap();
     wait_converged(&[&nodes[0], &nodes[1], &nodes[2]], id).await;
-    let c = nodes.pop().unwrap();
-    c.handle().shutdown().await;
-    let _ = c.node.task.await;
+    let c = stop(nodes.pop().unwrap()).await;
     for i in 0..200 {
         let s = model::Splice {
             pos: 2 + i,
@@ -151,14 +149,7 @@ async fn offline_node_catches_up() {
             .await
             .unwrap();
     }
-    let c = TestNode {
-        node: cofab_node::Node::start(config(c.key.clone(), &c.name, c.dir.path()))
-            .await
-            .unwrap(),
-        dir: c.dir,
-        key: c.key,
-        name: c.name,
-    };
+    let c = start_again(c).await;
     connect(&c, &nodes[1]).await;
     wait_converged(&[&nodes[0], &nodes[1], &c], id).await;
     let text = c
@@ -316,9 +307,7 @@ async fn returning_node_catches_up_on_many_documents() {
     for id in &ids {
         wait_converged(&[&nodes[0], &nodes[1]], *id).await;
     }
-    let b = nodes.pop().unwrap();
-    b.handle().shutdown().await;
-    let _ = b.node.task.await;
+    let b = stop(nodes.pop().unwrap()).await;
     for id in &ids {
         for j in 0..3 {
             nodes[0]
@@ -330,14 +319,7 @@ async fn returning_node_catches_up_on_many_documents() {
                 .unwrap();
         }
     }
-    let b = TestNode {
-        node: cofab_node::Node::start(config(b.key.clone(), &b.name, b.dir.path()))
-            .await
-            .unwrap(),
-        dir: b.dir,
-        key: b.key,
-        name: b.name,
-    };
+    let b = start_again(b).await;
     connect(&b, &nodes[0]).await;
     for id in &ids {
         wait_converged(&[&nodes[0], &b], *id).await;
@@ -393,9 +375,7 @@ async fn long_typed_design_is_compacted_in_the_store_and_survives_restart() {
             .unwrap();
     }
     let before = heads(&nodes[0], id).await;
-    let node = nodes.pop().unwrap();
-    node.handle().shutdown().await;
-    let _ = node.node.task.await;
+    let node = stop(nodes.pop().unwrap()).await;
     {
         let store = cofab_node::store::Store::open(&node.dir.path().join("store")).unwrap();
         let stored = store.load_all().unwrap();
@@ -407,14 +387,7 @@ async fn long_typed_design_is_compacted_in_the_store_and_survives_restart() {
             d.changes.len()
         );
     }
-    let node = TestNode {
-        node: cofab_node::node::Node::start(config(node.key.clone(), &node.name, node.dir.path()))
-            .await
-            .expect("node restarts"),
-        dir: node.dir,
-        key: node.key,
-        name: node.name,
-    };
+    let node = start_again(node).await;
     assert_eq!(heads(&node, id).await, before, "restart lost changes");
     let text = node
         .handle()

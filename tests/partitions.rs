@@ -596,10 +596,9 @@ async fn node_returns_on_a_new_address_and_a_late_node_joins() {
     // Node 3 leaves.
     let leaver = owned.pop().unwrap();
     let old_addr = leaver.handle().listen_addrs().await.unwrap()[0].clone();
-    leaver.handle().shutdown().await;
-    let _ = leaver.node.task.await;
-    for i in 0..3 {
-        wait_until(DEADLINE, || async { peer_count(&owned[i]).await == 2 }).await;
+    let leaver = stop(leaver).await;
+    for node in &owned {
+        wait_until(DEADLINE, || async { peer_count(node).await == 2 }).await;
     }
     // The rest go on editing while it is away, including the design it co-edits.
     for k in 0..5 {

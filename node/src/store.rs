@@ -42,6 +42,9 @@ pub enum StoreError {
 }
 
 /// One write in a group.
+// `Doc` is the large variant and nearly every write is one: boxing it would add an
+// allocation per write to shrink the rare `Compact` and `Setting`.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Write {
     /// What a document gained.

@@ -58,19 +58,40 @@ pub async fn start(test: &str, i: usize) -> TestNode {
     }
 }
 
-/// Restarts a node from its folder (after `shutdown`).
-pub async fn restart(old: TestNode) -> TestNode {
-    old.node.handle.shutdown().await;
-    let _ = old.node.task.await;
-    let node = Node::start(config(old.key.clone(), &old.name, old.dir.path()))
+/// A node that was shut down, with its data folder kept (to inspect or start again).
+pub struct Stopped {
+    pub dir: tempfile::TempDir,
+    pub key: Keypair,
+    pub name: String,
+}
+
+/// Shuts a node down and waits until its task has ended (its store is closed).
+pub async fn stop(node: TestNode) -> Stopped {
+    node.node.handle.shutdown().await;
+    let _ = node.node.task.await;
+    Stopped {
+        dir: node.dir,
+        key: node.key,
+        name: node.name,
+    }
+}
+
+/// Starts a stopped node again from its folder.
+pub async fn start_again(s: Stopped) -> TestNode {
+    let node = Node::start(config(s.key.clone(), &s.name, s.dir.path()))
         .await
         .expect("node restarts");
     TestNode {
         node,
-        dir: old.dir,
-        key: old.key,
-        name: old.name,
+        dir: s.dir,
+        key: s.key,
+        name: s.name,
     }
+}
+
+/// Restarts a node from its folder.
+pub async fn restart(old: TestNode) -> TestNode {
+    start_again(stop(old).await).await
 }
 
 /// Starts `n` nodes and connects every pair.
@@ -84,8 +105,8 @@ pub async fn start_net(test: &str, n: usize) -> Vec<TestNode> {
             connect(&nodes[i], &nodes[j]).await;
         }
     }
-    for i in 0..n {
-        wait_peers(&nodes[i], n - 1).await;
+    for node in &nodes {
+        wait_peers(node, n - 1).await;
     }
     nodes
 }
