@@ -139,22 +139,24 @@ const LOCK_WAIT: Duration = Duration::from_secs(5);
 /// ago in this process (a node restarted in place) releases the lock only when sled's
 /// background threads let go of the file, which can lag the close under load.
 fn open_sled(path: &Path) -> Result<sled::Db, StoreError> {
+    // sled reports its lock only as an `io::Error` message; probe the same lock (an
+    // exclusive `flock` on its `db` file) with a typed result first.
     let start = Instant::now();
-    loop {
-        match sled::Config::new()
-            .path(path)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-        {
-            Err(sled::Error::Io(e))
-                if e.to_string().contains("could not acquire lock")
-                    && start.elapsed() < LOCK_WAIT =>
-            {
-                std::thread::sleep(Duration::from_millis(10));
+    if let Ok(db) = File::open(path.join("db")) {
+        loop {
+            match db.try_lock() {
+                Ok(()) => break,
+                Err(std::fs::TryLockError::WouldBlock) if start.elapsed() < LOCK_WAIT => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(_) => break,
             }
-            r => return Ok(r?),
         }
     }
+    Ok(sled::Config::new()
+        .path(path)
+        .mode(sled::Mode::HighThroughput)
+        .open()?)
 }
 
 const GENESIS: u8 = 0;
