@@ -636,6 +636,7 @@ impl Node {
             metrics,
             listen_addrs,
             peers: HashMap::new(),
+            peer_ids: HashMap::new(),
             banned: HashSet::new(),
             rejected: BTreeMap::new(),
             pending: Pending::default(),
@@ -695,6 +696,8 @@ struct EventLoop {
     metrics: Arc<Metrics>,
     listen_addrs: Vec<Multiaddr>,
     peers: HashMap<PeerId, PeerState>,
+    /// The peer id of each connected enterprise (deriving it decompresses a key, ≈3 µs).
+    peer_ids: HashMap<EnterpriseId, PeerId>,
     banned: HashSet<PeerId>,
     rejected: BTreeMap<String, u64>,
     pending: Pending,
@@ -981,7 +984,7 @@ impl EventLoop {
                     });
                 }
                 Output::Rejected { from, doc, error } => {
-                    let peer = network::peer_id_of(&from);
+                    let peer = self.peer_id(&from);
                     self.reject(peer, Some(doc), error.reason(), error.to_string());
                 }
                 Output::Updated { doc, kind, from } => {
@@ -1061,6 +1064,9 @@ impl EventLoop {
                     connected_ms: now_ms(),
                 });
                 st.addrs.push(addr);
+                if let Some(e) = enterprise {
+                    self.peer_ids.insert(e, peer_id);
+                }
                 if num_established.get() == 1 {
                     tracing::info!(%peer_id, "peer connected");
                     if self.has_bootstrap && self.peers.len() == 1 {
@@ -1091,9 +1097,10 @@ impl EventLoop {
                 }
                 if num_established == 0 {
                     tracing::info!(%peer_id, "peer disconnected");
-                    self.peers.remove(&peer_id);
+                    let e = self.peers.remove(&peer_id).and_then(|st| st.enterprise);
                     self.outbox.remove(&peer_id);
-                    if let Some(e) = network::enterprise_of(&peer_id) {
+                    if let Some(e) = e.or_else(|| network::enterprise_of(&peer_id)) {
+                        self.peer_ids.remove(&e);
                         self.replica.peer_disconnected(&e);
                     }
                     self.pending.events.push(Event::PeerDisconnected {
@@ -1185,7 +1192,8 @@ impl EventLoop {
                     self.metrics
                         .bytes_in
                         .fetch_add(request.len() as u64, Ordering::Relaxed);
-                    let Some(from) = network::enterprise_of(&peer) else {
+                    let known = self.peers.get(&peer).and_then(|st| st.enterprise);
+                    let Some(from) = known.or_else(|| network::enterprise_of(&peer)) else {
                         self.reject(
                             peer,
                             None,
@@ -1505,9 +1513,17 @@ impl EventLoop {
         }
     }
 
+    /// The peer id of an enterprise (from the connected peers when there).
+    fn peer_id(&self, e: &EnterpriseId) -> PeerId {
+        self.peer_ids
+            .get(e)
+            .copied()
+            .unwrap_or_else(|| network::peer_id_of(e))
+    }
+
     /// Queues messages for a peer; [`Self::pump`] sends them as frames.
     fn send_frames(&mut self, to: EnterpriseId, msgs: Vec<SyncMessage>) {
-        let peer = network::peer_id_of(&to);
+        let peer = self.peer_id(&to);
         let q = self.outbox.entry(peer).or_default();
         q.msgs.extend(msgs);
         // Sync repairs itself (the tick re-offers), so shedding the oldest messages of a
