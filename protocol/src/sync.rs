@@ -8,6 +8,11 @@
 //! After a rejected batch the session with that peer for that document ends
 //! (automerge's own sync would otherwise loop forever re-requesting the change).
 //!
+//! Spread: a creator or author sends to every connected peer; a peer passes on what it
+//! gained to at most [`FORWARD_FANOUT`] others, and each repair tick visits at most
+//! [`TICK_PEERS`] peers in turn, so a dense mesh costs O(peers) frames per change, not
+//! O(peers²), while every pair is still reconciled within `peers / TICK_PEERS` ticks.
+//!
 //! Privacy: every message about a document is built only after
 //! [`Document::may_hold`] says the receiving enterprise may hold it; a `members`
 //! document is never sent to a non-member.
@@ -35,6 +40,10 @@ pub const FORWARD_FANOUT: usize = 6;
 /// How many connected peers one repair tick visits.
 pub const TICK_PEERS: usize = 8;
 
+/// Ticks in a row a peer may leave our hello unanswered before we stop greeting it until it
+/// speaks or reconnects (a member removed while away is ignored by every other member).
+const MAX_UNANSWERED_HELLOS: u32 = 16;
+
 /// A stable pseudo-random rank of `peer` for what `me` sends of `doc`.
 fn spread_rank(me: &EnterpriseId, peer: &EnterpriseId, doc: &DocId) -> u64 {
     use std::hash::{Hash, Hasher};
@@ -42,9 +51,6 @@ fn spread_rank(me: &EnterpriseId, peer: &EnterpriseId, doc: &DocId) -> u64 {
     (me, peer, doc).hash(&mut h);
     h.finish()
 }
-/// Ticks in a row a peer may leave our hello unanswered before we stop greeting it until it
-/// speaks or reconnects (a member removed while away is ignored by every other member).
-const MAX_UNANSWERED_HELLOS: u32 = 16;
 
 /// What [`Replica::prepare`] verified of one message ahead of [`Replica::receive_prepared`].
 #[derive(Default)]
@@ -658,7 +664,7 @@ impl Replica {
             return out;
         }
         out.extend(self.message_for(from, id, must_reply));
-        // Forward what we just gained to the other connected peers.
+        // Forward what we just gained to a few other connected peers.
         if ingested {
             let peers = self.forward_targets(from, id);
             let small = self
@@ -692,9 +698,9 @@ impl Replica {
         out
     }
 
-    /// At most [`FORWARD_FANOUT`] connected peers (other than `from`, allowed to hold the
-    /// document, and not those that told us they hold everything we hold) to pass what we just gained of `id` on to.
-    /// Forwarding to every peer costs O(peers²) frames per change in a dense mesh; the
+    /// At most [`FORWARD_FANOUT`] connected peers to pass what we just gained of `id` on
+    /// to: not `from`, not peers the document may not reach, not peers that told us they
+    /// hold everything we hold. Forwarding to every peer costs O(peers²) frames per change in a dense mesh; the
     /// others learn it from the creator, from other forwarders, or at the next `tick`.
     /// The choice depends on us, the peer and the document, so forwarders of one document
     /// spread it over different peers.
@@ -738,7 +744,8 @@ impl Replica {
             if all.len() <= TICK_PEERS {
                 all
             } else {
-                let start = (self.ticks as usize * TICK_PEERS) % all.len();
+                let turn = (self.ticks % all.len() as u64) as usize;
+                let start = (turn * TICK_PEERS) % all.len();
                 (0..TICK_PEERS)
                     .map(|k| all[(start + k) % all.len()])
                     .collect()
