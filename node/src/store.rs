@@ -114,7 +114,7 @@ impl Drop for Store {
     /// is torn down under load, even after a completed `sync()`; sled issue #1412 reports
     /// the same wait). Every acknowledged write is already in the write-ahead log or
     /// checkpointed, so the drop runs on its own thread and the store stops waiting for
-    /// it after [`CLOSE_WAIT`] instead of hanging its caller.
+    /// it after `CLOSE_WAIT` (5 s) instead of hanging its caller.
     fn drop(&mut self) {
         let Some(sled) = self.sled.take() else {
             return;

@@ -2,7 +2,7 @@
 
 use crate::identity::EnterpriseId;
 
-/// A printed id ([`EnterpriseId`](crate::EnterpriseId) or [`DocId`](crate::DocId)) could not be parsed.
+/// A printed id ([`crate::EnterpriseId`] or [`crate::DocId`]) could not be parsed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdError {
     /// The `cf1` prefix is missing.

@@ -352,8 +352,8 @@ impl SimNetwork {
     }
 
     /// Delivers messages and ticks every node until nothing is in flight and enough
-    /// ticks in a row send nothing ([`Self::quiet_ticks_needed`]). Panics with the seed
-    /// if `max_steps` is exceeded.
+    /// ticks in a row send nothing (two, plus enough for every node to have visited all
+    /// its peers). Panics with the seed if `max_steps` is exceeded.
     pub fn run_until_quiescent(&mut self, max_steps: usize) {
         let mut steps = 0;
         let mut quiet_ticks = 0;
