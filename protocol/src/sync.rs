@@ -700,7 +700,7 @@ impl Replica {
 
     /// At most [`FORWARD_FANOUT`] connected peers to pass what we just gained of `id` on
     /// to: not `from`, not peers the document may not reach, not peers that told us they
-    /// hold everything we hold. Forwarding to every peer costs O(peers²) frames per change in a dense mesh; the
+    /// hold everything we hold or whose session for it ended. Forwarding to every peer costs O(peers²) frames per change in a dense mesh; the
     /// others learn it from the creator, from other forwarders, or at the next `tick`.
     /// The choice depends on us, the peer and the document, so forwarders of one document
     /// spread it over different peers.
@@ -716,12 +716,13 @@ impl Replica {
             .connected
             .iter()
             .filter(|p| **p != from && doc.may_hold(p))
-            .filter(|p| {
-                !self
-                    .sessions
-                    .get(&(**p, id))
-                    .and_then(|s| s.confirmed.as_ref())
-                    .is_some_and(|c| covers(c, &ours))
+            .filter(|p| match self.sessions.get(&(**p, id)) {
+                None => true,
+                Some(s) => {
+                    !s.failed
+                        && !s.declined
+                        && !s.confirmed.as_ref().is_some_and(|c| covers(c, &ours))
+                }
             })
             .map(|p| (spread_rank(&self.me.id(), p, &id), *p))
             .collect();
