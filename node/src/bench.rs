@@ -115,7 +115,12 @@ fn cpu_s() -> f64 {
 }
 
 fn rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
+    rss_mb_of("/proc/self/status")
+}
+
+/// `VmRSS` of a `/proc/<pid>/status` file, MB.
+fn rss_mb_of(status: &str) -> f64 {
+    std::fs::read_to_string(status)
         .ok()
         .and_then(|s| {
             s.lines()
@@ -245,15 +250,7 @@ async fn spawn_node(name: &str, bootstrap: Option<u16>) -> Result<(ChildNode, u1
 
 /// Resident memory of a child process, MB.
 fn child_rss_mb(c: &ChildNode) -> f64 {
-    std::fs::read_to_string(format!("/proc/{}/status", c.child.id()))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
+    rss_mb_of(&format!("/proc/{}/status", c.child.id()))
 }
 
 /// (f) on a node of its own: the resident memory of a fresh `cofab run` process that
