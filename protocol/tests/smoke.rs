@@ -253,3 +253,58 @@ fn dense_mesh_forwarding_is_bounded_and_everyone_gets_order_and_edit() {
     }
     assert!(net.rejections.is_empty(), "{:?}", net.rejections);
 }
+
+/// With more peers than one tick visits, the ticks take the peers in turn, so a lost
+/// message between two peers that sort last is still repaired: a members design of just
+/// those two, an edit whose only message is dropped, and nothing else (no forwarder, no
+/// reconnect) that could bring it over but the owner's tick reaching the other member.
+#[test]
+fn ticks_reach_every_peer_in_turn_and_repair_a_lost_message() {
+    use cofab_protocol::model::DesignInput;
+    use cofab_protocol::sync::TICK_PEERS;
+    use cofab_protocol::Role;
+    const N: usize = TICK_PEERS + 4;
+    let mut net = SimNetwork::new(13, Faults::default());
+    for _ in 0..N {
+        net.add_node();
+    }
+    let mut by_id: Vec<usize> = (0..N).collect();
+    by_id.sort_by_key(|i| net.id(*i));
+    let (owner, member) = (by_id[N - 1], by_id[N - 2]);
+    let member_id = net.id(member);
+    let id = net.act(owner, |r, now| {
+        let input = DesignInput {
+            title: "Bracket, rev B".into(),
+            visibility: Visibility::Members,
+            members: [(member_id, Role::Editor)].into_iter().collect(),
+            ..Default::default()
+        };
+        let (doc, acc) = model::create_design(r.keypair(), &input, now, 1).unwrap();
+        (doc.id(), r.create(doc, acc))
+    });
+    net.run_until_quiescent(100_000);
+    assert!(net.nodes[member].replica.doc(&id).is_some());
+    net.faults.drop = 1.0;
+    net.act(owner, |r, now| {
+        let s = model::Splice {
+            pos: 0,
+            delete: 0,
+            insert: "drawing 42".into(),
+        };
+        r.edit(&id, now, |d, kp, now| model::splice_description(d, kp, now, &s))
+            .unwrap()
+    });
+    while net.step() {}
+    net.faults.drop = 0.0;
+    net.run_until_quiescent(100_000);
+    assert_eq!(
+        net.nodes[member].replica.doc(&id).unwrap().heads(),
+        net.nodes[owner].replica.doc(&id).unwrap().heads(),
+        "the dropped edit never reached the other member"
+    );
+    for i in 0..N {
+        if i != owner && i != member {
+            assert!(net.nodes[i].replica.doc(&id).is_none(), "node {i} got the design");
+        }
+    }
+}
