@@ -458,7 +458,7 @@ async fn real_frame(s: &Setting) -> Vec<u8> {
         .await
         .unwrap()
         .unwrap();
-    let batch = ChangeBatch {
+    let all = cofab_protocol::Accepted {
         changes: doc
             .automerge()
             .get_changes(&[])
@@ -466,19 +466,9 @@ async fn real_frame(s: &Setting) -> Vec<u8> {
             .map(|c| c.raw_bytes().to_vec())
             .collect(),
         sigs: doc.signatures().map(|(h, s)| (*h, *s)).collect(),
+        snapshot: None,
     };
-    let msg = SyncMessage {
-        doc: id,
-        genesis: Some((
-            doc.signed_genesis().bytes().to_vec(),
-            doc.signed_genesis().signature(),
-        )),
-        clock: doc.clock(),
-        heads: doc.heads(),
-        payload: Payload::Changes(batch),
-        decline: false,
-    };
-    Frame::Sync(vec![msg]).encode()
+    Frame::Sync(vec![carrying(&doc, true, all)]).encode()
 }
 
 /// Garbage, truncated frames, unknown versions and frames over 16 MiB, each from its own
@@ -1023,7 +1013,7 @@ async fn forged_signatures_in_a_large_frame_are_refused_and_the_rest_taken() {
     }
 
     // Then a frame of 11 comments, one per document now held (prepared on two threads,
-    // signatures checked in a batch), one of them signed with another key: that one is
+    // each signature checked on its own), one of them signed with another key: that one is
     // refused as `bad_signature`, the other 10 are taken.
     let mut docs_now = Vec::new();
     for d in &honest {

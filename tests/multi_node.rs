@@ -128,11 +128,7 @@ async fn offline_node_catches_up() {
         description: "v1".into(),
         ..Default::default()
     };
-    let id = nodes[0]
-        .handle()
-        .create(move |kp, now, nonce| model::create_design(kp, &input, now, nonce))
-        .await
-        .unwrap();
+    let id = create_design(&nodes[0], input).await;
     wait_converged(&[&nodes[0], &nodes[1], &nodes[2]], id).await;
     let c = stop(nodes.pop().unwrap()).await;
     for i in 0..200 {
@@ -178,11 +174,7 @@ async fn concurrent_design_edits_converge() {
     input
         .members
         .insert(nodes[1].key.id(), cofab_protocol::Role::Editor);
-    let id = nodes[0]
-        .handle()
-        .create(move |kp, now, nonce| model::create_design(kp, &input, now, nonce))
-        .await
-        .unwrap();
+    let id = create_design(&nodes[0], input).await;
     wait_converged(&[&nodes[0], &nodes[1]], id).await;
     let a = nodes[0].handle().clone();
     let b = nodes[1].handle().clone();
@@ -252,11 +244,7 @@ async fn attachments_sync_between_nodes() {
         title: "Housing".into(),
         ..Default::default()
     };
-    let id = nodes[0]
-        .handle()
-        .create(move |kp, now, nonce| model::create_design(kp, &input, now, nonce))
-        .await
-        .unwrap();
+    let id = create_design(&nodes[0], input).await;
     let file: Vec<u8> = (0..3 * 1024 * 1024u32)
         .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
         .collect();
@@ -352,11 +340,7 @@ async fn long_typed_design_is_compacted_in_the_store_and_survives_restart() {
         title: "long".into(),
         ..Default::default()
     };
-    let id = nodes[0]
-        .handle()
-        .create(move |kp, now, nonce| model::create_design(kp, &input, now, nonce))
-        .await
-        .unwrap();
+    let id = create_design(&nodes[0], input).await;
     let typed = 5_000;
     for run in 0..typed / 1_000 {
         let splices: Vec<Splice> = (0..1_000)

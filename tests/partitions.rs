@@ -561,11 +561,7 @@ async fn node_returns_on_a_new_address_and_a_late_node_joins() {
             .into_iter()
             .collect(),
         };
-        owned[1]
-            .handle()
-            .create(move |kp, now, n| model::create_design(kp, &input, now, n))
-            .await
-            .unwrap()
+        create_design(&owned[1], input).await
     };
     let cap = {
         let c = capacity_input("Supplier 2", 30);

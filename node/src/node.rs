@@ -1097,9 +1097,12 @@ impl EventLoop {
                 }
                 if num_established == 0 {
                     tracing::info!(%peer_id, "peer disconnected");
-                    let e = self.peers.remove(&peer_id).and_then(|st| st.enterprise);
+                    let e = match self.peers.remove(&peer_id) {
+                        Some(st) => st.enterprise,
+                        None => network::enterprise_of(&peer_id),
+                    };
                     self.outbox.remove(&peer_id);
-                    if let Some(e) = e.or_else(|| network::enterprise_of(&peer_id)) {
+                    if let Some(e) = e {
                         self.peer_ids.remove(&e);
                         self.replica.peer_disconnected(&e);
                     }
@@ -1192,8 +1195,12 @@ impl EventLoop {
                     self.metrics
                         .bytes_in
                         .fetch_add(request.len() as u64, Ordering::Relaxed);
-                    let known = self.peers.get(&peer).and_then(|st| st.enterprise);
-                    let Some(from) = known.or_else(|| network::enterprise_of(&peer)) else {
+                    // Taken from the key once, when the connection was established.
+                    let from = match self.peers.get(&peer) {
+                        Some(st) => st.enterprise,
+                        None => network::enterprise_of(&peer),
+                    };
+                    let Some(from) = from else {
                         self.reject(
                             peer,
                             None,

@@ -72,26 +72,29 @@ impl Wal {
             }
         }
         // Read only as far as the records go (a log just reset holds none): reading all
-        // 8 MiB cost every node start a few ms and 2,048 fresh pages.
-        let mut bytes = vec![0u8; if fresh { HEADER as usize } else { FIRST_READ }];
+        // 8 MiB cost every node start a few ms and 2,048 fresh pages. A fresh file is zeros.
+        let mut bytes = vec![0u8; if fresh { 0 } else { FIRST_READ }];
         file.read_exact_at(&mut bytes, 0)?;
-        let generation = if &bytes[..8] == MAGIC {
+        let generation = if bytes.starts_with(MAGIC) {
             u64::from_be_bytes(bytes[8..16].try_into().expect("8 bytes"))
         } else {
             0
         };
-        let (inserts, end) = loop {
-            if generation == 0 {
-                break (Vec::new(), HEADER);
+        let mut inserts = Vec::new();
+        let mut end = HEADER;
+        if generation != 0 {
+            loop {
+                let (more, to, short) = replay(&bytes, end, generation);
+                inserts.extend(more);
+                end = to;
+                if !short || bytes.len() as u64 == WAL_BYTES {
+                    break;
+                }
+                let have = bytes.len();
+                bytes.resize((have * 4).min(WAL_BYTES as usize), 0);
+                file.read_exact_at(&mut bytes[have..], have as u64)?;
             }
-            let (inserts, end, short) = replay(&bytes, generation);
-            if !short || bytes.len() as u64 == WAL_BYTES {
-                break (inserts, end);
-            }
-            let have = bytes.len();
-            bytes.resize((have * 4).min(WAL_BYTES as usize), 0);
-            file.read_exact_at(&mut bytes[have..], have as u64)?;
-        };
+        }
         // Appends go after the records found, so the log is not empty until the caller has
         // made them durable elsewhere and reset it.
         let mut wal = Self {
@@ -158,39 +161,36 @@ fn record_crc(rec: &[u8]) -> u32 {
 /// How much of the log [`Wal::open`] reads first (more only if records go further).
 const FIRST_READ: usize = 64 * 1024;
 
-/// The inserts of every valid record of `generation` in `bytes` (the start of the log),
-/// in order, where they end, and whether they stopped only because `bytes` ended.
-fn replay(bytes: &[u8], generation: u64) -> (Vec<Insert>, u64, bool) {
+/// The inserts of the valid records of `generation` in `bytes` (the start of the log)
+/// from offset `at` on, in order, where they end, and whether they stopped only because
+/// `bytes` ended (so reading further may find more).
+fn replay(bytes: &[u8], mut at: u64, generation: u64) -> (Vec<Insert>, u64, bool) {
     let mut out = Vec::new();
-    let mut at = HEADER as usize;
-    let mut short = true;
-    while at + RECORD_HEADER <= bytes.len() {
-        let h = &bytes[at..at + RECORD_HEADER];
+    let short = loop {
+        let from = at as usize;
+        let Some(h) = bytes.get(from..from + RECORD_HEADER) else {
+            break true;
+        };
         let gen = u64::from_be_bytes(h[..8].try_into().expect("8 bytes"));
         let len = u32::from_be_bytes(h[8..12].try_into().expect("4 bytes")) as usize;
         let crc = u32::from_be_bytes(h[12..16].try_into().expect("4 bytes"));
-        if gen != generation || (at + RECORD_HEADER + len) as u64 > WAL_BYTES {
-            short = false;
-            break;
+        let to = from + RECORD_HEADER + len;
+        if gen != generation || to as u64 > WAL_BYTES {
+            break false;
         }
-        if at + RECORD_HEADER + len > bytes.len() {
-            break;
-        }
-        let rec = &bytes[at..at + RECORD_HEADER + len];
+        let Some(rec) = bytes.get(from..to) else {
+            break true;
+        };
         if record_crc(rec) != crc {
-            short = false;
-            break;
+            break false;
         }
-        match decode(&rec[RECORD_HEADER..]) {
-            Some(mut ins) => out.append(&mut ins),
-            None => {
-                short = false;
-                break;
-            }
-        }
-        at += RECORD_HEADER + len;
-    }
-    (out, at as u64, short)
+        let Some(mut ins) = decode(&rec[RECORD_HEADER..]) else {
+            break false;
+        };
+        out.append(&mut ins);
+        at = to as u64;
+    };
+    (out, at, short)
 }
 
 /// Encodes inserts as a record payload.

@@ -700,18 +700,16 @@ impl Replica {
 
     /// At most [`FORWARD_FANOUT`] connected peers to pass what we just gained of `id` on
     /// to: not `from`, not peers the document may not reach, not peers that told us they
-    /// hold everything we hold or whose session for it ended. Forwarding to every peer costs O(peers²) frames per change in a dense mesh; the
-    /// others learn it from the creator, from other forwarders, or at the next `tick`.
-    /// The choice depends on us, the peer and the document, so forwarders of one document
-    /// spread it over different peers.
+    /// hold everything we hold or whose session for it ended. Forwarding to every peer
+    /// costs O(peers²) frames per change in a dense mesh; the others learn it from the
+    /// creator, from other forwarders, or at a later `tick`. The choice depends on us, the
+    /// peer and the document, so forwarders of one document spread it over different peers.
     fn forward_targets(&self, from: EnterpriseId, id: DocId) -> Vec<EnterpriseId> {
-        if self.connected.iter().all(|p| *p == from) {
-            return Vec::new();
-        }
         let Some(doc) = self.docs.get(&id) else {
             return Vec::new();
         };
-        let ours = doc.clock();
+        // Our clock only if some peer's confirmed clock is to be compared with it.
+        let ours = std::cell::OnceCell::new();
         let mut ranked: Vec<(u64, EnterpriseId)> = self
             .connected
             .iter()
@@ -721,7 +719,10 @@ impl Replica {
                 Some(s) => {
                     !s.failed
                         && !s.declined
-                        && !s.confirmed.as_ref().is_some_and(|c| covers(c, &ours))
+                        && !s
+                            .confirmed
+                            .as_ref()
+                            .is_some_and(|c| covers(c, ours.get_or_init(|| doc.clock())))
                 }
             })
             .map(|p| (spread_rank(&self.me.id(), p, &id), *p))
@@ -740,18 +741,16 @@ impl Replica {
     /// while changes themselves travel at once through `edit`, `create` and forwarding.
     pub fn tick(&mut self) -> Vec<Output> {
         let mut out = Vec::new();
-        let peers: Vec<EnterpriseId> = {
-            let all: Vec<EnterpriseId> = self.connected.iter().copied().collect();
-            if all.len() <= TICK_PEERS {
-                all
-            } else {
-                let turn = (self.ticks % all.len() as u64) as usize;
-                let start = (turn * TICK_PEERS) % all.len();
-                (0..TICK_PEERS)
-                    .map(|k| all[(start + k) % all.len()])
-                    .collect()
-            }
-        };
+        let n = self.connected.len().max(1);
+        let start = (self.ticks % n as u64) as usize * TICK_PEERS % n;
+        let peers: Vec<EnterpriseId> = self
+            .connected
+            .iter()
+            .copied()
+            .cycle()
+            .skip(start)
+            .take(self.connected.len().min(TICK_PEERS))
+            .collect();
         self.ticks += 1;
         // Each document's clock and heads once per tick, not once per (peer, document).
         let state: Vec<(DocId, Clock, Vec<automerge::ChangeHash>)> = self

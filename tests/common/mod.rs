@@ -94,6 +94,14 @@ pub async fn restart(old: TestNode) -> TestNode {
     start_again(stop(old).await).await
 }
 
+/// Creates a design on `node`; returns its id.
+pub async fn create_design(node: &TestNode, input: cofab_protocol::model::DesignInput) -> DocId {
+    node.handle()
+        .create(move |kp, now, nonce| cofab_protocol::model::create_design(kp, &input, now, nonce))
+        .await
+        .expect("design created")
+}
+
 /// Starts `n` nodes and connects every pair.
 pub async fn start_net(test: &str, n: usize) -> Vec<TestNode> {
     let mut nodes = Vec::new();
