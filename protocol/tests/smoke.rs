@@ -291,8 +291,10 @@ fn ticks_reach_every_peer_in_turn_and_repair_a_lost_message() {
             delete: 0,
             insert: "drawing 42".into(),
         };
-        r.edit(&id, now, |d, kp, now| model::splice_description(d, kp, now, &s))
-            .unwrap()
+        r.edit(&id, now, |d, kp, now| {
+            model::splice_description(d, kp, now, &s)
+        })
+        .unwrap()
     });
     while net.step() {}
     net.faults.drop = 0.0;
@@ -304,7 +306,10 @@ fn ticks_reach_every_peer_in_turn_and_repair_a_lost_message() {
     );
     for i in 0..N {
         if i != owner && i != member {
-            assert!(net.nodes[i].replica.doc(&id).is_none(), "node {i} got the design");
+            assert!(
+                net.nodes[i].replica.doc(&id).is_none(),
+                "node {i} got the design"
+            );
         }
     }
 }
