@@ -372,6 +372,7 @@ async fn edit_doc(
         + Send
         + 'static,
 ) -> Result<Json<Value>, ApiError> {
+    crate::node::hop("http");
     let id = doc_id(id)?;
     // The kind is checked inside the edit: one trip through the event loop per write.
     st.node

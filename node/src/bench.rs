@@ -225,7 +225,11 @@ async fn spawn_node(name: &str, bootstrap: Option<u16>) -> Result<(ChildNode, u1
     let child = cmd
         .env("COFAB_LOG", "warn")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(if std::env::var_os("COFAB_HOPS").is_some() {
+            std::process::Stdio::inherit()
+        } else {
+            std::process::Stdio::null()
+        })
         .spawn()
         .map_err(|e| e.to_string())?;
     let token = std::fs::read_to_string(dir.path().join("api-token"))
@@ -400,6 +404,7 @@ async fn latency_processes_inner(n: usize) -> Result<Value, String> {
     let (mut from_request, mut from_edit, mut ack) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..n + 20 {
         let t0 = crate::node::mono_ns();
+        crate::node::hop("t0");
         let r = http
             .post(&url)
             .bearer_auth(&a.token)

@@ -229,7 +229,14 @@ pub fn build_swarm_with_limit(
                 mdns: Toggle::from(mdns),
             })
         })?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
+        // V1Lazy: a stream's first data goes out with its protocol proposal instead of after
+        // the peer confirmed it (multistream-select V1 waits one round trip per new
+        // stream, i.e. per sync frame). Every peer speaking to us is a cofab node with the
+        // same protocols; an unsupported proposal still fails, one message later.
+        .with_swarm_config(|c| {
+            c.with_idle_connection_timeout(Duration::from_secs(3600))
+                .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
+        })
         .build();
     Ok(swarm)
 }

@@ -387,7 +387,7 @@ pub fn mono_ns() -> u64 {
 /// frame handed to libp2p; on the peer `recv`, `decoded`, `received` (verified and
 /// applied), `event` (published). `node/scripts/hops.py` turns a run of
 /// `cofab bench --scenarios a` into per-hop medians. Off, it costs a load and a branch.
-fn hop(tag: &str) {
+pub(crate) fn hop(tag: &str) {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     if *ON.get_or_init(|| std::env::var_os("COFAB_HOPS").is_some()) {
         use std::io::Write as _;
