@@ -45,7 +45,7 @@ fn main() {
         }
         let edit = t.elapsed().as_micros() as f64 / 100.0;
         let mut their: Clock = doc.clock();
-        *their.get_mut(&kp.id()).unwrap() -= 1;
+        *their.get_mut(&kp.author()).unwrap() -= 1;
         let t = Instant::now();
         for _ in 0..100 {
             let _ = doc.missing_for(&their, 1 << 20);

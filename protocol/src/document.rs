@@ -21,11 +21,12 @@ use automerge::{Automerge, Change, ChangeHash, ReadDoc};
 
 use crate::doc::{DocId, Genesis, SignedGenesis, Visibility};
 use crate::error::{EditError, IngestError};
-use crate::identity::{EnterpriseId, Keypair};
+use crate::identity::{Author, EnterpriseId, Keypair};
 use crate::rules;
 
-/// What a peer holds: for each author, the highest change sequence number.
-pub type Clock = BTreeMap<EnterpriseId, u64>;
+/// What a peer holds: for each author (enterprise and incarnation), the highest change
+/// sequence number.
+pub type Clock = BTreeMap<Author, u64>;
 
 /// Signatures are forwarded at every change whose seq is a multiple of this.
 pub const CHECKPOINT: u64 = 1024;
@@ -71,7 +72,7 @@ pub struct Prepared {
 struct Ready {
     doc: Automerge,
     paths: rules::PathCache,
-    order: Vec<(EnterpriseId, ChangeHash)>,
+    order: Vec<(Author, ChangeHash)>,
     raw: Vec<Vec<u8>>,
     verified: Vec<(ChangeHash, [u8; 64])>,
 }
@@ -83,7 +84,7 @@ pub struct Document {
     doc: Automerge,
     sigs: HashMap<ChangeHash, [u8; 64]>,
     /// Per author: hashes of its changes, index = seq - 1.
-    chains: BTreeMap<EnterpriseId, Vec<ChangeHash>>,
+    chains: BTreeMap<Author, Vec<ChangeHash>>,
     /// Object paths resolved while checking accepted changes.
     paths: rules::PathCache,
 }
@@ -188,17 +189,11 @@ impl Document {
 
     fn rebuild_chains(&mut self) {
         self.chains.clear();
-        let mut all: Vec<(EnterpriseId, u64, ChangeHash)> = self
+        let mut all: Vec<(Author, u64, ChangeHash)> = self
             .doc
             .get_changes_meta(&[])
             .iter()
-            .filter_map(|m| {
-                Some((
-                    EnterpriseId::from_slice(m.actor.to_bytes()).ok()?,
-                    m.seq,
-                    m.hash,
-                ))
-            })
+            .filter_map(|m| Some((Author::from_actor(m.actor.to_bytes()).ok()?, m.seq, m.hash)))
             .collect();
         all.sort_by_key(|(a, s, _)| (*a, *s));
         for (a, _, h) in all {
@@ -326,7 +321,7 @@ impl Document {
         n: usize,
         mut f: impl FnMut(usize, &mut Transaction<'_>) -> Result<T, EditError>,
     ) -> Result<(Vec<T>, Accepted), EditError> {
-        let me = author.id();
+        let me = author.author();
         let message = self.id().to_string();
         self.doc.set_actor(me.actor());
         let mut outs = Vec::with_capacity(n);
@@ -440,7 +435,7 @@ impl Document {
             .iter()
             .map(|c| {
                 (
-                    EnterpriseId::from_slice(c.actor_id().to_bytes()).expect("checked"),
+                    Author::from_actor(c.actor_id().to_bytes()).expect("checked"),
                     c.hash(),
                 )
             })
@@ -514,8 +509,8 @@ impl Document {
         let g = self.genesis.genesis();
         let mut fresh_paths = rules::PathCache::default();
         for m in &sorted {
-            let author = EnterpriseId::from_slice(m.actor_bytes()).expect("checked");
-            match rules::check_without_ops(g, &author, m.deps().is_empty()) {
+            let author = Author::from_actor(m.actor_bytes()).expect("checked");
+            match rules::check_without_ops(g, &author.enterprise, m.deps().is_empty()) {
                 Some(r) => r?,
                 None => {
                     let c = scratch.get_change_by_hash(&m.hash()).ok_or_else(|| {
@@ -525,11 +520,11 @@ impl Document {
                 }
             }
         }
-        let order: Vec<(EnterpriseId, ChangeHash)> = sorted
+        let order: Vec<(Author, ChangeHash)> = sorted
             .iter()
             .map(|m| {
                 (
-                    EnterpriseId::from_slice(m.actor_bytes()).expect("checked"),
+                    Author::from_actor(m.actor_bytes()).expect("checked"),
                     m.hash(),
                 )
             })
@@ -543,7 +538,7 @@ impl Document {
 
     fn commit_verified(
         &mut self,
-        order: Vec<(EnterpriseId, ChangeHash)>,
+        order: Vec<(Author, ChangeHash)>,
         raw: Vec<Vec<u8>>,
         verified: Vec<(ChangeHash, [u8; 64])>,
         snapshot: Option<Vec<u8>>,
@@ -571,13 +566,13 @@ impl Document {
         check_deps: bool,
     ) -> Result<(Vec<usize>, Vec<(ChangeHash, [u8; 64])>), IngestError> {
         let doc_str = self.id().to_string();
-        let mut by_author: BTreeMap<EnterpriseId, Vec<usize>> = BTreeMap::new();
+        let mut by_author: BTreeMap<Author, Vec<usize>> = BTreeMap::new();
         // Decompressing a key costs microseconds: check each distinct actor once.
-        let mut last: Option<EnterpriseId> = None;
+        let mut last: Option<Author> = None;
         for (i, c) in fresh.iter().enumerate() {
-            let a = match EnterpriseId::from_slice(c.actor_bytes()) {
+            let a = match Author::from_actor(c.actor_bytes()) {
                 Ok(a) if last == Some(a) || by_author.contains_key(&a) => a,
-                Ok(a) if a.verifying_key().is_some() => a,
+                Ok(a) if a.enterprise.verifying_key().is_some() => a,
                 _ => {
                     return Err(IngestError::UnboundActor(
                         c.actor_bytes().iter().map(|b| format!("{b:02x}")).collect(),
@@ -609,7 +604,7 @@ impl Document {
                 return Err(IngestError::MissingDeps(missing));
             }
         }
-        let mut to_verify: Vec<(EnterpriseId, ChangeHash, [u8; 64])> = Vec::new();
+        let mut to_verify: Vec<(Author, ChangeHash, [u8; 64])> = Vec::new();
         for (author, idxs) in by_author.iter_mut() {
             idxs.sort_by_key(|i| fresh[*i].seq());
             let chain = self.chains.get(author);
@@ -686,11 +681,11 @@ impl Document {
         let changes = self.doc.get_changes(&have_deps);
         let mut out = ChangeBatch::default();
         let mut size = 0usize;
-        let mut unsigned: BTreeSet<EnterpriseId> = BTreeSet::new();
-        let mut last_of: BTreeMap<EnterpriseId, ChangeHash> = BTreeMap::new();
+        let mut unsigned: BTreeSet<Author> = BTreeSet::new();
+        let mut last_of: BTreeMap<Author, ChangeHash> = BTreeMap::new();
         let mut cut = 0;
         for (i, c) in changes.iter().enumerate() {
-            let a = EnterpriseId::from_slice(c.actor_id().to_bytes()).expect("bound");
+            let a = Author::from_actor(c.actor_id().to_bytes()).expect("bound");
             size += c.raw_bytes().len();
             out.changes.push(c.raw_bytes().to_vec());
             last_of.insert(a, c.hash());
@@ -716,15 +711,15 @@ impl Document {
         out.changes.truncate(cut);
         let mut covered = their.clone();
         for c in &changes[..cut] {
-            let a = EnterpriseId::from_slice(c.actor_id().to_bytes()).expect("bound");
+            let a = Author::from_actor(c.actor_id().to_bytes()).expect("bound");
             let e = covered.entry(a).or_insert(0);
             *e = (*e).max(c.seq());
         }
         let included: HashSet<ChangeHash> = changes[..cut].iter().map(|c| c.hash()).collect();
-        let mut tips: BTreeMap<EnterpriseId, ChangeHash> = BTreeMap::new();
+        let mut tips: BTreeMap<Author, ChangeHash> = BTreeMap::new();
         for c in &changes[..cut] {
             tips.insert(
-                EnterpriseId::from_slice(c.actor_id().to_bytes()).expect("bound"),
+                Author::from_actor(c.actor_id().to_bytes()).expect("bound"),
                 c.hash(),
             );
         }
@@ -759,12 +754,12 @@ impl Document {
 /// Checks each signature with `verify_strict` (never as an ed25519 batch: a batch can
 /// accept a crafted signature that a strict check refuses, and every peer must reach the
 /// same verdict on the same bytes — see `identity::tests`).
-fn verify_sigs(
-    doc: &DocId,
-    items: &[(EnterpriseId, ChangeHash, [u8; 64])],
-) -> Result<(), IngestError> {
+fn verify_sigs(doc: &DocId, items: &[(Author, ChangeHash, [u8; 64])]) -> Result<(), IngestError> {
     for (a, h, s) in items {
-        if !a.verify_change(doc, h, &ed25519_dalek::Signature::from_bytes(s)) {
+        if !a
+            .enterprise
+            .verify_change(doc, h, &ed25519_dalek::Signature::from_bytes(s))
+        {
             return Err(IngestError::BadSignature {
                 author: *a,
                 hash: h.to_string(),

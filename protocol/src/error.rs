@@ -1,6 +1,6 @@
 //! Typed errors, one enum per operation. Every variant says what was wrong.
 
-use crate::identity::EnterpriseId;
+use crate::identity::{Author, EnterpriseId};
 
 /// A printed id ([`crate::EnterpriseId`] or [`crate::DocId`]) could not be parsed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -131,7 +131,7 @@ pub enum IngestError {
     #[error("change {hash} by {author} is not signed")]
     Unsigned {
         /// Author.
-        author: EnterpriseId,
+        author: Author,
         /// The change hash.
         hash: String,
     },
@@ -139,7 +139,7 @@ pub enum IngestError {
     #[error("signature of change {hash} by {author} does not verify")]
     BadSignature {
         /// Author.
-        author: EnterpriseId,
+        author: Author,
         /// The change hash.
         hash: String,
     },
@@ -147,7 +147,7 @@ pub enum IngestError {
     #[error("change sequence of {author} jumps from {have} to {got}")]
     SeqGap {
         /// Author.
-        author: EnterpriseId,
+        author: Author,
         /// Highest sequence number we hold.
         have: u64,
         /// Sequence number received.
@@ -157,7 +157,7 @@ pub enum IngestError {
     #[error("change {seq} of {author} does not depend on its predecessor")]
     BrokenChain {
         /// Author.
-        author: EnterpriseId,
+        author: Author,
         /// Sequence number.
         seq: u64,
     },

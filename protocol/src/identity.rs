@@ -26,6 +26,8 @@ pub const ENTERPRISE_ID_PREFIX: &str = "cf1";
 #[derive(Clone)]
 pub struct Keypair {
     signing: SigningKey,
+    /// The incarnation this process writes as (see [`Author`]).
+    incarnation: u32,
 }
 
 impl Keypair {
@@ -33,6 +35,19 @@ impl Keypair {
     pub fn from_secret(secret: [u8; 32]) -> Self {
         Self {
             signing: SigningKey::from_bytes(&secret),
+            incarnation: 0,
+        }
+    }
+    /// The same keypair writing as incarnation `n` of its enterprise's node (see [`Author`]).
+    pub fn with_incarnation(mut self, n: u32) -> Self {
+        self.incarnation = n;
+        self
+    }
+    /// Who this keypair's changes are authored by: the enterprise in this incarnation.
+    pub fn author(&self) -> Author {
+        Author {
+            enterprise: self.id(),
+            incarnation: self.incarnation,
         }
     }
     /// The 32-byte secret, for persisting the key.
@@ -87,10 +102,6 @@ impl EnterpriseId {
         let arr: [u8; 32] = bytes.try_into().map_err(|_| IdError::Length(bytes.len()))?;
         Ok(Self(arr))
     }
-    /// The automerge actor id bound to this enterprise: exactly the public key.
-    pub fn actor(&self) -> automerge::ActorId {
-        automerge::ActorId::from(&self.0[..])
-    }
     /// Verifies a change signature made by this enterprise.
     pub fn verify_change(
         &self,
@@ -122,6 +133,75 @@ impl EnterpriseId {
     pub fn short(&self) -> String {
         let s = self.to_string();
         s[..ENTERPRISE_ID_PREFIX.len() + 10].to_string()
+    }
+}
+
+/// The writer of a change: an enterprise's key in one incarnation of its node.
+///
+/// A node sends its own changes while their durable write is still in flight, so a
+/// crash can lose a change that peers already hold. A node that starts after a run
+/// which did not end cleanly therefore writes as a new incarnation: its sequence
+/// numbers start afresh under a new automerge actor, and the change it lost (which
+/// peers give back) can never be contradicted by a different change with the same
+/// actor and seq. Permissions belong to the enterprise; chains, clocks and sequence
+/// numbers to the author.
+///
+/// The automerge actor id is the 32 key bytes for incarnation 0 and the key followed
+/// by the incarnation as 4 big-endian bytes otherwise (one encoding per author).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Author {
+    /// The enterprise whose key signs the changes.
+    pub enterprise: EnterpriseId,
+    /// Which run of the enterprise's node wrote them.
+    pub incarnation: u32,
+}
+
+impl Author {
+    /// Incarnation 0 of an enterprise.
+    pub fn first(enterprise: EnterpriseId) -> Self {
+        Self {
+            enterprise,
+            incarnation: 0,
+        }
+    }
+    /// The automerge actor id of this author.
+    pub fn actor(&self) -> automerge::ActorId {
+        if self.incarnation == 0 {
+            automerge::ActorId::from(&self.enterprise.0[..])
+        } else {
+            let mut b = self.enterprise.0.to_vec();
+            b.extend_from_slice(&self.incarnation.to_be_bytes());
+            automerge::ActorId::from(b)
+        }
+    }
+    /// Parses an automerge actor id: 32 key bytes, or 32 key bytes and a non-zero
+    /// 4-byte incarnation. The key is not checked to be a valid point here.
+    pub fn from_actor(bytes: &[u8]) -> Result<Self, IdError> {
+        match bytes.len() {
+            32 => Ok(Self::first(EnterpriseId::from_slice(bytes)?)),
+            36 => {
+                let incarnation = u32::from_be_bytes(bytes[32..].try_into().expect("4 bytes"));
+                if incarnation == 0 {
+                    // Incarnation 0 has one spelling only: the bare key.
+                    return Err(IdError::Length(36));
+                }
+                Ok(Self {
+                    enterprise: EnterpriseId::from_slice(&bytes[..32])?,
+                    incarnation,
+                })
+            }
+            n => Err(IdError::Length(n)),
+        }
+    }
+}
+
+impl fmt::Display for Author {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.incarnation == 0 {
+            write!(f, "{}", self.enterprise)
+        } else {
+            write!(f, "{}#{}", self.enterprise, self.incarnation)
+        }
     }
 }
 

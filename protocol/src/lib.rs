@@ -29,5 +29,5 @@ pub mod wire;
 pub use doc::{DocId, Genesis, Kind, Role, SignedGenesis, Visibility};
 pub use document::{Accepted, ChangeBatch, Clock, Document};
 pub use error::{DecodeError, EditError, GenesisError, IdError, IngestError, Rule, RuleViolation};
-pub use identity::{EnterpriseId, Keypair};
+pub use identity::{Author, EnterpriseId, Keypair};
 pub use sync::{Output, Replica};

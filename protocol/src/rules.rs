@@ -16,7 +16,7 @@ use automerge::{
 
 use crate::doc::{Genesis, Kind, Role, Visibility};
 use crate::error::{Rule, RuleViolation};
-use crate::identity::EnterpriseId;
+use crate::identity::{Author, EnterpriseId};
 
 /// Order status lifecycle, in order of precedence when concurrent moves conflict.
 pub const STATUSES: [&str; 7] = [
@@ -254,8 +254,9 @@ pub fn check_change(
     known: &PathCache,
     fresh: &mut PathCache,
 ) -> Result<(), RuleViolation> {
-    let author =
-        EnterpriseId::from_slice(change.actor_id().to_bytes()).map_err(|_| RuleViolation {
+    let author = Author::from_actor(change.actor_id().to_bytes())
+        .map(|a| a.enterprise)
+        .map_err(|_| RuleViolation {
             rule: Rule::NotMember,
             path: String::new(),
             author: EnterpriseId([0; 32]),

@@ -9,7 +9,7 @@
 //! ```text
 //! frame   = version:u8  type:u8  body
 //! type 1  = sync batch:  count:varint  sync_msg*
-//! sync_msg= doc:16  flags:u8  [genesis: bytes sig:64]  clock: count (key:32 seq:varint)*
+//! sync_msg= doc:16  flags:u8  [genesis: bytes sig:64]  clock: count (key:32 incarnation:varint seq:varint)*
 //!           heads: count hash:32*  [changes: count bytes*  sigs]  [snapshot: bytes sigs]
 //! sigs    = count (hash:32 sig:64)*
 //! type 2  = announce: count (doc:16 kind:u8 owner:32 changes:varint)*
@@ -21,7 +21,7 @@ use automerge::ChangeHash;
 use crate::doc::{DocId, Kind};
 use crate::document::{ChangeBatch, Clock};
 use crate::error::DecodeError;
-use crate::identity::EnterpriseId;
+use crate::identity::{Author, EnterpriseId};
 
 /// The wire version this build speaks.
 pub const WIRE_VERSION: u8 = 1;
@@ -151,7 +151,7 @@ fn sync_len_bound(m: &SyncMessage) -> usize {
         }
         Payload::Snapshot { bytes, sigs: s } => V + bytes.len() + sigs(s.len()),
     };
-    32 + 1 + genesis + V + m.clock.len() * (32 + V) + V + m.heads.len() * 32 + payload
+    32 + 1 + genesis + V + m.clock.len() * (32 + 2 * V) + V + m.heads.len() * 32 + payload
 }
 
 fn encode_sync(out: &mut Vec<u8>, m: &SyncMessage) {
@@ -175,7 +175,8 @@ fn encode_sync(out: &mut Vec<u8>, m: &SyncMessage) {
     }
     put_varint(out, m.clock.len() as u64);
     for (a, s) in &m.clock {
-        out.extend_from_slice(a.as_bytes());
+        out.extend_from_slice(a.enterprise.as_bytes());
+        put_varint(out, a.incarnation as u64);
         put_varint(out, *s);
     }
     put_varint(out, m.heads.len() as u64);
@@ -385,10 +386,16 @@ impl<'a> Reader<'a> {
         } else {
             None
         };
-        let n = self.count(33)?;
+        let n = self.count(34)?;
         let mut clock = Clock::new();
         for _ in 0..n {
-            let a = EnterpriseId(self.array()?);
+            let enterprise = EnterpriseId(self.array()?);
+            let incarnation = u32::try_from(self.varint()?)
+                .map_err(|_| DecodeError::Invalid("clock: incarnation over 32 bits"))?;
+            let a = Author {
+                enterprise,
+                incarnation,
+            };
             let s = self.varint()?;
             if clock.insert(a, s).is_some() {
                 return Err(DecodeError::Invalid("clock: duplicate author"));
@@ -441,7 +448,7 @@ mod tests {
                 proptest::collection::vec(any::<u8>(), 0..64),
                 any::<[u8; 32]>(),
             )),
-            proptest::collection::btree_map(any::<[u8; 32]>(), any::<u64>(), 0..4),
+            proptest::collection::btree_map((any::<[u8; 32]>(), 0u32..3), any::<u64>(), 0..4),
             proptest::collection::vec(any::<[u8; 32]>(), 0..3),
             prop_oneof![
                 Just(Payload::None),
@@ -469,7 +476,15 @@ mod tests {
                     genesis: genesis.map(|(g, s)| (g, [s, s].concat().try_into().unwrap())),
                     clock: clock
                         .into_iter()
-                        .map(|(k, v)| (EnterpriseId(k), v))
+                        .map(|((k, n), v)| {
+                            (
+                                Author {
+                                    enterprise: EnterpriseId(k),
+                                    incarnation: n,
+                                },
+                                v,
+                            )
+                        })
                         .collect(),
                     heads: heads.into_iter().map(ChangeHash).collect(),
                     payload,

@@ -195,7 +195,7 @@ fn forged_signature_is_refused() {
     let w = world(Visibility::Public);
     let id = w.order.id();
     let hostile = kp(9);
-    let c = craft(&w.order, hostile.id().actor(), &id.to_string(), |tx| {
+    let c = craft(&w.order, hostile.author().actor(), &id.to_string(), |tx| {
         let bids = map(tx, &ROOT, "bids");
         let b = tx
             .put_object(&bids, hostile.id().to_string(), automerge::ObjType::Map)
@@ -206,7 +206,7 @@ fn forged_signature_is_refused() {
     let mut rx = receiver_with(&w.receiver, &w.order, &hostile);
     let err = rejected(&mut rx, &hostile, id, signed(&c, &w.s1, &id));
     assert!(
-        matches!(&err, IngestError::BadSignature { author, hash } if *author == hostile.id() && *hash == c.hash().to_string()),
+        matches!(&err, IngestError::BadSignature { author, hash } if author.enterprise == hostile.id() && *hash == c.hash().to_string()),
         "{err:?}"
     );
     // and a correct signature with one bit flipped
@@ -241,7 +241,7 @@ fn missing_signature_is_refused() {
     let w = world(Visibility::Public);
     let id = w.order.id();
     let hostile = kp(9);
-    let c = craft(&w.order, hostile.id().actor(), &id.to_string(), |tx| {
+    let c = craft(&w.order, hostile.author().actor(), &id.to_string(), |tx| {
         let d = map(tx, &ROOT, "discussion");
         let m = tx.insert_object(&d, 0, automerge::ObjType::Map).unwrap();
         tx.put(&m, "text", "unsigned").unwrap();
@@ -253,7 +253,7 @@ fn missing_signature_is_refused() {
     };
     let err = rejected(&mut rx, &hostile, id, batch);
     assert!(
-        matches!(&err, IngestError::Unsigned { author, .. } if *author == hostile.id()),
+        matches!(&err, IngestError::Unsigned { author, .. } if author.enterprise == hostile.id()),
         "{err:?}"
     );
 }
@@ -265,7 +265,7 @@ fn change_by_non_member_of_members_document_is_refused() {
     let w = world(Visibility::Members);
     let id = w.order.id();
     let outsider = kp(9);
-    let c = craft(&w.order, outsider.id().actor(), &id.to_string(), |tx| {
+    let c = craft(&w.order, outsider.author().actor(), &id.to_string(), |tx| {
         let d = map(tx, &ROOT, "discussion");
         let m = tx.insert_object(&d, 0, automerge::ObjType::Map).unwrap();
         tx.put(&m, "text", "let me in").unwrap();
@@ -290,7 +290,7 @@ fn supplier_editing_another_suppliers_bid_is_refused() {
     let w = world(Visibility::Public);
     let id = w.order.id();
     let s2 = w.s2.id().to_string();
-    let c = craft(&w.order, w.s1.id().actor(), &id.to_string(), |tx| {
+    let c = craft(&w.order, w.s1.author().actor(), &id.to_string(), |tx| {
         let bids = map(tx, &ROOT, "bids");
         let theirs = map(tx, &bids, &s2);
         tx.put(&theirs, "unit_price", 999.0).unwrap();
@@ -305,7 +305,7 @@ fn supplier_editing_another_suppliers_bid_is_refused() {
 fn status_skipping_a_step_is_refused() {
     let w = world(Visibility::Public);
     let id = w.order.id();
-    let c = craft(&w.order, w.buyer.id().actor(), &id.to_string(), |tx| {
+    let c = craft(&w.order, w.buyer.author().actor(), &id.to_string(), |tx| {
         tx.put(ROOT, "status", "shipped").unwrap();
     });
     let mut rx = receiver_with(&w.receiver, &w.order, &w.buyer);
@@ -325,7 +325,7 @@ fn membership_change_by_non_owner_is_refused() {
     let w = world(Visibility::Members);
     let id = w.order.id();
     let friend = kp(9).id().to_string();
-    let c = craft(&w.order, w.s1.id().actor(), &id.to_string(), |tx| {
+    let c = craft(&w.order, w.s1.author().actor(), &id.to_string(), |tx| {
         let m = map(tx, &ROOT, "members");
         tx.put(&m, friend.as_str(), "supplier").unwrap();
     });
@@ -374,7 +374,7 @@ fn forged_sequence_gap_is_refused() {
     let w = world(Visibility::Public);
     let id = w.order.id();
     let hostile = kp(9);
-    let honest = craft(&w.order, hostile.id().actor(), &id.to_string(), |tx| {
+    let honest = craft(&w.order, hostile.author().actor(), &id.to_string(), |tx| {
         let d = map(tx, &ROOT, "discussion");
         tx.insert(&d, 0, "x").unwrap();
     });
@@ -392,7 +392,7 @@ fn forged_sequence_gap_is_refused() {
     assert_eq!(
         err,
         IngestError::SeqGap {
-            author: hostile.id(),
+            author: hostile.author(),
             have: 0,
             got: 3
         }
@@ -605,7 +605,7 @@ fn prepared_messages_refuse_exactly_the_forged_signatures() {
     assert_eq!(errors.len(), 2, "{errors:?}");
     assert_eq!(errors[0], IngestError::Genesis(GenesisError::BadSignature));
     assert!(
-        matches!(&errors[1], IngestError::BadSignature { author, .. } if *author == hostile.id())
+        matches!(&errors[1], IngestError::BadSignature { author, .. } if author.enterprise == hostile.id())
     );
     assert!(rx
         .doc(&docs[0].id())

@@ -315,7 +315,7 @@ fn removed_member_receives_nothing_more() {
             .map(|d| d.clock())
             .unwrap_or_default();
         for (author, seq) in &now_clock {
-            if *author != rid {
+            if author.enterprise != rid {
                 assert!(
                     *seq <= stale_clock.get(author).copied().unwrap_or(0),
                     "seed {seed}: removed member gained changes of {author:?} made after its removal"

@@ -12,7 +12,9 @@ use cofab_protocol::model::{
     self, BidInput, CapacityInput, DesignInput, OrderInput, ProgressInput, Splice,
 };
 use cofab_protocol::rules::{status_transition_ok, STATUSES};
-use cofab_protocol::{ChangeBatch, DocId, Document, EnterpriseId, Keypair, Kind, Role, Visibility};
+use cofab_protocol::{
+    Author, ChangeBatch, DocId, Document, EnterpriseId, Keypair, Kind, Role, Visibility,
+};
 use proptest::prelude::*;
 
 const NOW: i64 = 1_700_000_000_000;
@@ -275,13 +277,20 @@ proptest! {
 
     /// Enterprise and document ids print and parse back to the same value.
     #[test]
-    fn ids_round_trip(key in any::<[u8; 32]>(), doc in any::<[u8; 16]>()) {
+    fn ids_round_trip(key in any::<[u8; 32]>(), doc in any::<[u8; 16]>(), incarnation in any::<u32>()) {
         let e = EnterpriseId(key);
         prop_assert_eq!(e.to_string().parse::<EnterpriseId>(), Ok(e));
         let d = DocId(doc);
         prop_assert_eq!(d.to_string().parse::<DocId>(), Ok(d));
-        let clock: Clock = [(e, 1)].into_iter().collect();
-        prop_assert_eq!(clock.len(), 1);
+        // An author's actor id reads back as the same author; incarnation 0 is the bare key
+        // and has no second spelling.
+        let a = Author { enterprise: e, incarnation };
+        let actor = a.actor();
+        prop_assert_eq!(Author::from_actor(actor.to_bytes()), Ok(a));
+        prop_assert_eq!(actor.to_bytes().len(), if incarnation == 0 { 32 } else { 36 });
+        let padded = [key.as_slice(), &[0, 0, 0, 0]].concat();
+        prop_assert!(Author::from_actor(&padded).is_err());
+        prop_assert!(Author::from_actor(&actor.to_bytes()[..31]).is_err());
     }
 
     /// Replacing any one character of a printed enterprise id with a different character

@@ -313,3 +313,66 @@ fn ticks_reach_every_peer_in_turn_and_repair_a_lost_message() {
         }
     }
 }
+
+/// A node sends its own change before the change is durable; if it then crashes and
+/// loses the change, it starts as a new incarnation (a new automerge actor under the
+/// same key). Its next change must not contradict the lost one: the peer accepts it,
+/// gives the lost change back, and both end with both comments by the same enterprise.
+/// Written under the old incarnation, the same next change is refused as a sequence
+/// gap — the fork the incarnation exists to prevent.
+#[test]
+fn a_change_lost_in_a_crash_after_it_was_sent_comes_back_and_the_next_incarnation_does_not_fork() {
+    use cofab_protocol::document::Clock;
+    use cofab_protocol::{Document, IngestError, Keypair};
+    let buyer = Keypair::from_secret([1; 32]);
+    let (mut a, acc) = model::create_order(&buyer, &order(), 1_000, 7).unwrap();
+    let mut b = Document::new(a.signed_genesis().clone());
+    b.ingest(a.missing_for(&Clock::new(), usize::MAX).0)
+        .unwrap();
+    assert!(!acc.is_empty());
+
+    // A's durable state: the order as created. Then a comment leaves for B, and A crashes
+    // before the comment's write completes.
+    let durable = a.clone();
+    let before = b.clock();
+    model::comment(&mut a, &buyer, 2_000, "sent, then lost").unwrap();
+    b.ingest(a.missing_for(&before, usize::MAX).0).unwrap();
+    let mut a = durable;
+
+    // The same incarnation would re-use the lost change's seq with different content.
+    let mut forked = a.clone();
+    model::comment(&mut forked, &buyer, 3_000, "after restart").unwrap();
+    let err = b
+        .ingest(forked.missing_for(&a.clock(), usize::MAX).0)
+        .unwrap_err();
+    assert!(matches!(err, IngestError::SeqGap { .. }), "{err}");
+
+    // The next incarnation does not: B accepts its change and gives the lost one back.
+    let restarted = buyer.clone().with_incarnation(1);
+    let a_before = a.clock();
+    model::comment(&mut a, &restarted, 3_000, "after restart").unwrap();
+    b.ingest(a.missing_for(&a_before, usize::MAX).0).unwrap();
+    a.ingest(b.missing_for(&a.clock(), usize::MAX).0).unwrap();
+    assert_eq!(a.heads().len(), b.heads().len());
+    assert_eq!(
+        a.heads()
+            .into_iter()
+            .collect::<std::collections::BTreeSet<_>>(),
+        b.heads()
+            .into_iter()
+            .collect::<std::collections::BTreeSet<_>>()
+    );
+    assert_eq!(a.clock(), b.clock());
+    assert_eq!(a.clock().len(), 2, "two authors: incarnations 0 and 1");
+    assert!(a.clock().keys().all(|k| k.enterprise == buyer.id()));
+    for d in [&a, &b] {
+        let v = model::order_view(d).unwrap();
+        let mut texts: Vec<&str> = v.discussion.iter().map(|c| c.text.as_str()).collect();
+        texts.sort();
+        assert_eq!(texts, ["after restart", "sent, then lost"]);
+        assert!(v
+            .discussion
+            .iter()
+            .all(|c| c.author == buyer.id().to_string()));
+    }
+}
