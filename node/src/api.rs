@@ -283,6 +283,7 @@ async fn status(State(st): State<AppState>) -> Result<Json<Value>, ApiError> {
                 "peer_id": info.peer_id.to_string(),
                 "enterprise_id": info.enterprise_id.to_string(),
                 "name": info.name,
+                "incarnation": info.incarnation,
                 "listen_addrs": c.listen_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
                 "connected_peers": c.peers.len(),
                 "documents": c.replica.docs().count(),

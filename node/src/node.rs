@@ -360,6 +360,9 @@ pub struct NodeInfo {
     pub enterprise_id: EnterpriseId,
     /// Display name.
     pub name: String,
+    /// The incarnation this run writes as (`cofab_protocol::Author`): it goes up when
+    /// the node starts after a run that did not end cleanly.
+    pub incarnation: u32,
 }
 
 /// A cloneable handle to a running node.
@@ -520,7 +523,14 @@ impl Node {
                 ))
             })?;
         let store = Arc::new(store);
-        let mut replica = Replica::new(config.key.clone());
+        let incarnation = {
+            let s = store.clone();
+            tokio::task::spawn_blocking(move || s.begin_run())
+                .await
+                .map_err(|e| NodeError::Start(e.to_string()))?
+                .map_err(|e| NodeError::Start(format!("recording the run: {e}")))?
+        };
+        let mut replica = Replica::new(config.key.clone().with_incarnation(incarnation));
         replica.policy = config.fetch.clone();
         let stored = {
             let s = store.clone();
@@ -605,6 +615,7 @@ impl Node {
             peer_id: *swarm.local_peer_id(),
             enterprise_id: config.key.id(),
             name: config.name.clone(),
+            incarnation,
         });
         let metrics = Arc::new(Metrics::default());
         let handle = NodeHandle {
@@ -627,6 +638,7 @@ impl Node {
             store_thread: Some(store_thread_handle),
             store_done,
             awaiting: Default::default(),
+            store_failed: false,
             next_batch: 0,
             swarm,
             replica,
@@ -725,6 +737,8 @@ struct EventLoop {
     /// Effects waiting for their batch (None: no writes of its own) to be durable, in order.
     awaiting: std::collections::VecDeque<(Option<u64>, Pending, bool)>,
     next_batch: u64,
+    /// A group failed to become durable: this run must not be recorded as clean.
+    store_failed: bool,
 }
 
 /// The store thread: takes every group queued while the previous commit ran and makes
@@ -850,7 +864,18 @@ impl EventLoop {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
         let store = self.store.clone();
-        let _ = tokio::task::spawn_blocking(move || store.sync()).await;
+        let clean = !self.store_failed;
+        let ended = tokio::task::spawn_blocking(move || {
+            store.sync()?;
+            if clean {
+                store.end_run()?;
+            }
+            Ok::<_, crate::store::StoreError>(())
+        })
+        .await;
+        if let Ok(Err(e)) = ended {
+            tracing::error!("final store flush failed: {e}");
+        }
         let peers: Vec<PeerId> = self.peers.keys().copied().collect();
         for p in peers {
             let _ = self.swarm.disconnect_peer_id(p);
@@ -1411,9 +1436,15 @@ impl EventLoop {
         }
     }
 
-    /// Hands pending writes to the store thread. What depends on them (replies to
-    /// callers, messages to peers, events) waits in FIFO order until the store
-    /// reports them durable, while the loop goes on gathering the next group.
+    /// Hands pending writes to the store thread. Messages to peers and announcements
+    /// leave at once; replies to callers and events wait in FIFO order until the store
+    /// reports their group durable, while the loop goes on gathering the next group.
+    ///
+    /// Sending our own changes before they are durable takes the write (≈0.2 ms) off
+    /// the path to peers. A crash can then lose a change that peers already hold; that
+    /// is safe because a node whose run did not end cleanly restarts as a new
+    /// incarnation ([`cofab_protocol::Author`]), so it never makes a different change
+    /// under the lost one's actor and seq, and peers give the lost change back.
     fn commit(&mut self) {
         let mut pending = std::mem::take(&mut self.pending);
         // Compaction of documents with many incremental changes (noted as they pass the
@@ -1429,15 +1460,18 @@ impl EventLoop {
             self.incremental.insert(d, 0);
         }
         let writes = std::mem::take(&mut pending.writes);
-        // Local writes (API creates and edits) are acknowledged, and our own changes sent,
-        // only once durable. A group holding only what peers sent us need not wait: those
-        // changes can be fetched again, and releasing early halves propagation latency.
-        // It still waits if an earlier local group is in flight, since its messages may
-        // carry that group's changes.
+        let sends = std::mem::take(&mut pending.sends);
+        let announce = std::mem::take(&mut pending.announce);
+        // Local writes (API creates and edits) are acknowledged only once durable. A
+        // group holding only what peers sent us need not wait, unless an earlier local
+        // group is in flight (its events come first).
         let local = !pending.replies.is_empty();
         let wait = local || self.awaiting.iter().any(|(_, _, l)| *l);
         if writes.is_empty() && self.awaiting.is_empty() {
+            // Local subscribers first: encoding and sending frames takes tens of µs that
+            // a watcher of this node need not wait for.
             self.release(pending, Ok(()));
+            self.dispatch(sends, announce);
             return;
         }
         let id = if writes.is_empty() {
@@ -1455,9 +1489,11 @@ impl EventLoop {
             Some(id)
         };
         if wait {
+            self.dispatch(sends, announce);
             self.awaiting.push_back((id, pending, local));
         } else {
             self.release(pending, Ok(()));
+            self.dispatch(sends, announce);
         }
     }
 
@@ -1467,6 +1503,7 @@ impl EventLoop {
         self.metrics.commits.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = &result {
             tracing::error!("store commit failed: {e}");
+            self.store_failed = true;
         }
         while let Some((id, _, _)) = self.awaiting.front() {
             if id.is_some_and(|id| id > done) {
@@ -1477,10 +1514,12 @@ impl EventLoop {
         }
     }
 
-    /// Acknowledges callers, sends and publishes what a durable batch allowed.
+    /// Acknowledges callers and publishes events once their batch is durable (or failed).
     fn release(&mut self, pending: Pending, result: Result<(), String>) {
         if let Err(e) = result {
-            // Nothing that was not stored may leave this node.
+            // The changes may already have reached peers (see `commit`); this run can no
+            // longer count as ended cleanly, so the next one starts a new incarnation.
+            self.store_failed = true;
             for r in pending.replies {
                 r(Err(NodeError::Store(e.clone())));
             }
@@ -1489,19 +1528,21 @@ impl EventLoop {
         for r in pending.replies {
             r(Ok(()));
         }
-        // Local subscribers first: encoding and sending frames takes tens of µs that a
-        // watcher of this node need not wait for.
         for e in pending.events {
             if matches!(e, Event::DocUpdated { from: Some(_), .. }) {
                 hop("event");
             }
             let _ = self.events.send(e);
         }
-        for (to, msgs) in pending.sends {
+    }
+
+    /// Sends messages to peers and announces new public documents.
+    fn dispatch(&mut self, sends: BTreeMap<EnterpriseId, Vec<SyncMessage>>, announce: Vec<DocId>) {
+        for (to, msgs) in sends {
             self.send_frames(to, msgs);
         }
-        if !pending.announce.is_empty() {
-            let mut ann = pending.announce;
+        if !announce.is_empty() {
+            let mut ann = announce;
             ann.sort();
             ann.dedup();
             let items: Vec<Announcement> = ann

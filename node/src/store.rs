@@ -163,6 +163,10 @@ const GENESIS: u8 = 0;
 const CHANGES: u8 = 2;
 const SIGS: u8 = 3;
 const SETTINGS: u8 = 4;
+/// Settings key: the incarnation of the current (or last) run.
+const INCARNATION: &[u8] = b"run/incarnation";
+/// Settings key: present while no run is going on and the last one ended cleanly.
+const ENDED_CLEANLY: &[u8] = b"run/ended-cleanly";
 
 impl Store {
     /// Opens (or creates) the store in `path`.
@@ -381,6 +385,40 @@ impl Store {
             "store sync"
         );
         Ok(())
+    }
+
+    /// Starts a run of the node and returns the incarnation it writes as (see
+    /// [`cofab_protocol::Author`]): the previous run's if that run ended cleanly
+    /// ([`Self::end_run`]), the next one otherwise; 0 for a store that never recorded a
+    /// run. Durable before it returns, so a crash during this run is seen by the next.
+    pub fn begin_run(&self) -> Result<u32, StoreError> {
+        let s = &self.s().settings;
+        let incarnation = match s.get(INCARNATION)? {
+            None => 0,
+            Some(v) => {
+                let n = u32::from_be_bytes(v.as_ref().try_into().map_err(|_| {
+                    StoreError::Corrupt(format!("incarnation of {} bytes", v.len()))
+                })?);
+                if s.get(ENDED_CLEANLY)?.is_some() {
+                    n
+                } else {
+                    n.checked_add(1).ok_or_else(|| {
+                        StoreError::Corrupt("incarnation counter exhausted".into())
+                    })?
+                }
+            }
+        };
+        s.insert(INCARNATION, &incarnation.to_be_bytes())?;
+        s.remove(ENDED_CLEANLY)?;
+        self.sync()?;
+        Ok(incarnation)
+    }
+
+    /// Records that this run ended cleanly: everything it wrote is durable, so the next
+    /// run may keep its incarnation. Called last, after the final [`Self::sync`].
+    pub fn end_run(&self) -> Result<(), StoreError> {
+        self.s().settings.insert(ENDED_CLEANLY, &[1u8])?;
+        self.sync()
     }
 
     /// Settings whose key starts with `prefix`.

@@ -311,3 +311,158 @@ async fn unwritable_log_output_does_not_stop_the_node() {
     child.kill().unwrap();
     let _ = child.wait();
 }
+
+async fn get_json(api: u16, token: &str, path: &str) -> Value {
+    reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{api}{path}"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn discussion(api: u16, token: &str, id: &str) -> std::collections::BTreeSet<String> {
+    let v = get_json(api, token, &format!("/api/v1/orders/{id}")).await;
+    v["discussion"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|c| c["text"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A node sends its own changes before their write is durable. Killed (`kill -9`) while
+/// comments stream into an order that a peer follows, it restarts as a new incarnation,
+/// its next comment is accepted by the peer (no fork with a change the peer got but the
+/// node lost), and both end with the same discussion holding every acknowledged
+/// comment. A clean stop (SIGTERM) keeps the incarnation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_restarts_as_a_new_incarnation_and_converges_with_its_peer() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    init(da.path(), "Buyer AG");
+    init(db.path(), "Supplier GmbH");
+    let (ta, tb) = (token(da.path()), token(db.path()));
+    let (pa, pb, aa, ab) = (free_port(), free_port(), free_port(), free_port());
+    let mut a = run(da.path(), pa, aa, None);
+    wait_healthy(aa).await;
+    let mut b = run(db.path(), pb, ab, Some(pa));
+    wait_healthy(ab).await;
+    assert_eq!(get_json(aa, &ta, "/api/v1/status").await["incarnation"], 0);
+    let client = reqwest::Client::new();
+    let r = client
+        .post(format!("http://127.0.0.1:{aa}/api/v1/orders"))
+        .bearer_auth(&ta)
+        .json(&json!({ "title": "Housing", "quantity": 10, "visibility": "public" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let t = Instant::now();
+    while get_json(ab, &tb, &format!("/api/v1/orders/{id}")).await["title"] != "Housing" {
+        assert!(t.elapsed() < Duration::from_secs(20), "B never got the order");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Comments stream into A from 4 writers; A is killed mid-stream.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (tx, ta, id) = (tx.clone(), ta.clone(), id.clone());
+        writers.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            for n in 0.. {
+                let text = format!("w{w}-{n}");
+                let r = client
+                    .post(format!("http://127.0.0.1:{aa}/api/v1/orders/{id}/discussion"))
+                    .bearer_auth(&ta)
+                    .json(&json!({ "text": text }))
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status().is_success() => {
+                        let _ = tx.send(text);
+                    }
+                    Ok(r) => panic!("comment refused: {}", r.status()),
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    drop(tx);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.kill().unwrap(); // SIGKILL
+    a.wait().unwrap();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let mut acked = std::collections::BTreeSet::new();
+    while let Ok(t) = rx.try_recv() {
+        acked.insert(t);
+    }
+    assert!(!acked.is_empty(), "no comment was acknowledged before the kill");
+
+    let aa = free_port();
+    let mut a = run(da.path(), free_port(), aa, Some(pb));
+    wait_healthy(aa).await;
+    assert_eq!(
+        get_json(aa, &ta, "/api/v1/status").await["incarnation"],
+        1,
+        "a run that did not end cleanly is followed by a new incarnation"
+    );
+    let r = client
+        .post(format!("http://127.0.0.1:{aa}/api/v1/orders/{id}/discussion"))
+        .bearer_auth(&ta)
+        .json(&json!({ "text": "after restart" }))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    acked.insert("after restart".to_string());
+    let t = Instant::now();
+    loop {
+        let (on_a, on_b) = (discussion(aa, &ta, &id).await, discussion(ab, &tb, &id).await);
+        if on_a == on_b && acked.is_subset(&on_a) {
+            println!(
+                "after the kill: {} comments acknowledged, {} held by both",
+                acked.len(),
+                on_a.len()
+            );
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "A and B did not converge: A {} B {} acked {} (missing on A: {:?}, on B: {:?})",
+            on_a.len(),
+            on_b.len(),
+            acked.len(),
+            acked.difference(&on_a).take(5).collect::<Vec<_>>(),
+            acked.difference(&on_b).take(5).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A clean stop keeps the incarnation.
+    let term = Command::new("kill")
+        .args(["-TERM", &a.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let status = a.wait().unwrap();
+    assert!(status.success(), "SIGTERM should stop the node cleanly: {status}");
+    let aa = free_port();
+    let mut a = run(da.path(), free_port(), aa, Some(pb));
+    wait_healthy(aa).await;
+    assert_eq!(get_json(aa, &ta, "/api/v1/status").await["incarnation"], 1);
+    for c in [&mut a, &mut b] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
