@@ -748,7 +748,15 @@ fn store_thread(
     rx: std::sync::mpsc::Receiver<(u64, Vec<Write>)>,
     done: mpsc::UnboundedSender<(u64, Result<(), String>)>,
 ) {
+    // Fault injection for tests: a disk this much slower per group commit.
+    let slow_disk = std::env::var("COFAB_FAULT_STORE_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis);
     while let Ok((mut last, mut writes)) = rx.recv() {
+        if let Some(d) = slow_disk {
+            std::thread::sleep(d);
+        }
         while let Ok((id, more)) = rx.try_recv() {
             last = id;
             writes.extend(more);

@@ -32,7 +32,18 @@ fn init(dir: &Path, name: &str) {
 }
 
 fn run(dir: &Path, p2p_port: u16, api_port: u16, bootstrap: Option<u16>) -> Child {
+    run_env(dir, p2p_port, api_port, bootstrap, &[])
+}
+
+fn run_env(
+    dir: &Path,
+    p2p_port: u16,
+    api_port: u16,
+    bootstrap: Option<u16>,
+    env: &[(&str, &str)],
+) -> Child {
     let mut c = Command::new(BIN);
+    c.envs(env.iter().copied());
     c.args(["run", "--data-dir"]).arg(dir).args([
         "--no-mdns",
         "--listen",
@@ -312,6 +323,20 @@ async fn unwritable_log_output_does_not_stop_the_node() {
     let _ = child.wait();
 }
 
+/// Stops a node with SIGTERM and checks that it exits cleanly.
+fn terminate(mut child: Child) {
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let status = child.wait().unwrap();
+    assert!(
+        status.success(),
+        "SIGTERM should stop the node cleanly: {status}"
+    );
+}
+
 async fn get_json(api: u16, token: &str, path: &str) -> Value {
     reqwest::Client::new()
         .get(format!("http://127.0.0.1:{api}{path}"))
@@ -337,10 +362,11 @@ async fn discussion(api: u16, token: &str, id: &str) -> std::collections::BTreeS
 }
 
 /// A node sends its own changes before their write is durable. Killed (`kill -9`) while
-/// comments stream into an order that a peer follows, it restarts as a new incarnation,
-/// its next comment is accepted by the peer (no fork with a change the peer got but the
-/// node lost), and both end with the same discussion holding every acknowledged
-/// comment. A clean stop (SIGTERM) keeps the incarnation.
+/// comments stream into an order that a peer follows, it restarts as a new incarnation
+/// and comments while still offline; a clean stop (SIGTERM) keeps that incarnation;
+/// once reconnected, the peer accepts the new comment (no fork with a change the peer
+/// got but the node lost) and both end with the same discussion holding every
+/// acknowledged comment.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_node_restarts_as_a_new_incarnation_and_converges_with_its_peer() {
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -348,7 +374,15 @@ async fn a_killed_node_restarts_as_a_new_incarnation_and_converges_with_its_peer
     init(db.path(), "Supplier GmbH");
     let (ta, tb) = (token(da.path()), token(db.path()));
     let (pa, pb, aa, ab) = (free_port(), free_port(), free_port(), free_port());
-    let mut a = run(da.path(), pa, aa, None);
+    // A slow disk on A (50 ms per group commit) while its changes go out at once: the
+    // kill below then finds changes that B holds and A never wrote.
+    let mut a = run_env(
+        da.path(),
+        pa,
+        aa,
+        None,
+        &[("COFAB_FAULT_STORE_DELAY_MS", "50")],
+    );
     wait_healthy(aa).await;
     let mut b = run(db.path(), pb, ab, Some(pa));
     wait_healthy(ab).await;
@@ -368,7 +402,10 @@ async fn a_killed_node_restarts_as_a_new_incarnation_and_converges_with_its_peer
         .to_string();
     let t = Instant::now();
     while get_json(ab, &tb, &format!("/api/v1/orders/{id}")).await["title"] != "Housing" {
-        assert!(t.elapsed() < Duration::from_secs(20), "B never got the order");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "B never got the order"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Comments stream into A from 4 writers; A is killed mid-stream.
@@ -381,7 +418,9 @@ async fn a_killed_node_restarts_as_a_new_incarnation_and_converges_with_its_peer
             for n in 0.. {
                 let text = format!("w{w}-{n}");
                 let r = client
-                    .post(format!("http://127.0.0.1:{aa}/api/v1/orders/{id}/discussion"))
+                    .post(format!(
+                        "http://127.0.0.1:{aa}/api/v1/orders/{id}/discussion"
+                    ))
                     .bearer_auth(&ta)
                     .json(&json!({ "text": text }))
                     .send()
@@ -407,10 +446,17 @@ async fn a_killed_node_restarts_as_a_new_incarnation_and_converges_with_its_peer
     while let Ok(t) = rx.try_recv() {
         acked.insert(t);
     }
-    assert!(!acked.is_empty(), "no comment was acknowledged before the kill");
+    assert!(
+        !acked.is_empty(),
+        "no comment was acknowledged before the kill"
+    );
 
+    // B stops (cleanly), and A restarts alone and comments at once, before it could
+    // learn from B what it lost: the case where a node reusing its actor would fork its
+    // own chain.
+    terminate(b);
     let aa = free_port();
-    let mut a = run(da.path(), free_port(), aa, Some(pb));
+    let mut a = run(da.path(), free_port(), aa, None);
     wait_healthy(aa).await;
     assert_eq!(
         get_json(aa, &ta, "/api/v1/status").await["incarnation"],
@@ -418,7 +464,9 @@ async fn a_killed_node_restarts_as_a_new_incarnation_and_converges_with_its_peer
         "a run that did not end cleanly is followed by a new incarnation"
     );
     let r = client
-        .post(format!("http://127.0.0.1:{aa}/api/v1/orders/{id}/discussion"))
+        .post(format!(
+            "http://127.0.0.1:{aa}/api/v1/orders/{id}/discussion"
+        ))
         .bearer_auth(&ta)
         .json(&json!({ "text": "after restart" }))
         .send()
@@ -426,14 +474,34 @@ async fn a_killed_node_restarts_as_a_new_incarnation_and_converges_with_its_peer
         .unwrap();
     assert!(r.status().is_success(), "{}", r.status());
     acked.insert("after restart".to_string());
+    // A stops cleanly and starts again; then B starts, dialling A.
+    terminate(a);
+    let (aa, pa) = (free_port(), free_port());
+    let mut a = run(da.path(), pa, aa, None);
+    wait_healthy(aa).await;
+    assert_eq!(
+        get_json(aa, &ta, "/api/v1/status").await["incarnation"],
+        1,
+        "a clean stop keeps the incarnation"
+    );
+    let ab = free_port();
+    let mut b = run(db.path(), free_port(), ab, Some(pa));
+    wait_healthy(ab).await;
     let t = Instant::now();
     loop {
-        let (on_a, on_b) = (discussion(aa, &ta, &id).await, discussion(ab, &tb, &id).await);
+        let (on_a, on_b) = (
+            discussion(aa, &ta, &id).await,
+            discussion(ab, &tb, &id).await,
+        );
         if on_a == on_b && acked.is_subset(&on_a) {
             println!(
                 "after the kill: {} comments acknowledged, {} held by both",
                 acked.len(),
                 on_a.len()
+            );
+            assert!(
+                on_a.len() > acked.len(),
+                "B held no comment that A had sent but not acknowledged: the kill tested nothing"
             );
             break;
         }
@@ -449,18 +517,6 @@ async fn a_killed_node_restarts_as_a_new_incarnation_and_converges_with_its_peer
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    // A clean stop keeps the incarnation.
-    let term = Command::new("kill")
-        .args(["-TERM", &a.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
-    let status = a.wait().unwrap();
-    assert!(status.success(), "SIGTERM should stop the node cleanly: {status}");
-    let aa = free_port();
-    let mut a = run(da.path(), free_port(), aa, Some(pb));
-    wait_healthy(aa).await;
-    assert_eq!(get_json(aa, &ta, "/api/v1/status").await["incarnation"], 1);
     for c in [&mut a, &mut b] {
         let _ = c.kill();
         let _ = c.wait();
