@@ -2,7 +2,8 @@
 //!
 //! Owns: a seeded, discrete-event network of N replicas with message drop,
 //! duplication, delay (hence reordering), partitions and heal, and crash/restart
-//! (volatile state lost, durable state kept). Every message goes through the
+//! (volatile state and local writes not yet durable lost, the rest of the durable
+//! state kept; the node comes back as its next incarnation). Every message goes through the
 //! real wire encoding. A failing run prints its seed so it can be replayed with
 //! `COFAB_SIM_SEED`.
 //! Must not: read the wall clock or OS randomness.
@@ -71,7 +72,20 @@ pub struct SimNode {
     pub up: bool,
     /// Partition group.
     pub group: u32,
+    /// The incarnation the node writes as; a crash moves it on.
+    pub incarnation: u32,
+    /// Local writes not yet durable (see [`SimNetwork::crash`]), oldest first.
+    unsure: Vec<Unsure>,
     key: Keypair,
+}
+
+/// A local write that a crash may still lose: what it appended to one document.
+#[derive(Debug, Clone)]
+struct Unsure {
+    doc: DocId,
+    created: bool,
+    changes: usize,
+    sigs: usize,
 }
 
 /// A message in flight.
@@ -103,6 +117,13 @@ pub struct SimNetwork {
     pub rejections: Vec<(usize, String)>,
     /// Messages delivered.
     pub delivered: u64,
+    /// Local writes lost in crashes (see [`Self::crash`]).
+    pub writes_lost: u64,
+    /// Whether a crash loses the crashed node's local writes that were not yet durable
+    /// (default: yes, as a real node can; see [`Self::crash`]).
+    pub crash_loses_unsure_writes: bool,
+    /// The node whose local action's outputs are being carried out.
+    acting: Option<usize>,
 }
 
 impl SimNetwork {
@@ -119,6 +140,9 @@ impl SimNetwork {
             sent_log: Vec::new(),
             rejections: Vec::new(),
             delivered: 0,
+            writes_lost: 0,
+            crash_loses_unsure_writes: true,
+            acting: None,
         }
     }
 
@@ -132,6 +156,8 @@ impl SimNetwork {
             store: DurableStore::default(),
             up: true,
             group: 0,
+            incarnation: 0,
+            unsure: Vec::new(),
             key,
         });
         let i = self.nodes.len() - 1;
@@ -202,10 +228,36 @@ impl SimNetwork {
     }
 
     /// Crashes node `i`: its volatile state is lost; messages to it are dropped.
+    ///
+    /// A node sends its own changes before their write is durable, so the crash also
+    /// loses its local writes made since anything else was written to its store (writes
+    /// become durable in order), even though peers may already hold those changes. It
+    /// restarts as the next incarnation, as a real node does after an unclean stop.
     pub fn crash(&mut self, i: usize) {
-        self.nodes[i].up = false;
-        let key = self.nodes[i].key.clone();
-        self.nodes[i].replica = Replica::new(key);
+        if std::env::var_os("COFAB_SIM_TRACE").is_some() {
+            eprintln!(
+                "t={} crash {i} losing {:?}",
+                self.now_ms, self.nodes[i].unsure
+            );
+        }
+        let lose = self.crash_loses_unsure_writes;
+        let node = &mut self.nodes[i];
+        node.up = false;
+        let lost: Vec<Unsure> = std::mem::take(&mut node.unsure);
+        for u in lost.into_iter().rev().filter(|_| lose) {
+            self.writes_lost += 1;
+            if u.created {
+                node.store.docs.remove(&u.doc);
+            } else if let Some(d) = node.store.docs.get_mut(&u.doc) {
+                d.changes.truncate(d.changes.len() - u.changes);
+                d.sigs.truncate(d.sigs.len() - u.sigs);
+            }
+        }
+        node.incarnation += 1;
+        node.replica = Replica::new(node.key.clone().with_incarnation(node.incarnation));
+        // Its connections died with it: what was in flight on them is never delivered
+        // (not even once it has restarted, to the new process or from the old one).
+        self.queue.retain(|Reverse(m)| m.from != i && m.to != i);
         let me = self.id(i);
         for n in &mut self.nodes {
             n.replica.peer_disconnected(&me);
@@ -214,7 +266,13 @@ impl SimNetwork {
 
     /// Restarts node `i` from its durable store.
     pub fn restart(&mut self, i: usize) {
-        let key = self.nodes[i].key.clone();
+        if std::env::var_os("COFAB_SIM_TRACE").is_some() {
+            eprintln!("t={} restart {i}", self.now_ms);
+        }
+        let key = self.nodes[i]
+            .key
+            .clone()
+            .with_incarnation(self.nodes[i].incarnation);
         let mut r = Replica::new(key);
         for s in self.nodes[i].store.docs.values() {
             let d = Document::load_trusted(
@@ -236,7 +294,9 @@ impl SimNetwork {
         self.now_ms += 1;
         let now = self.now_ms;
         let (v, outs) = f(&mut self.nodes[i].replica, now);
+        self.acting = Some(i);
         self.handle(i, outs);
+        self.acting = None;
         v
     }
 
@@ -277,7 +337,19 @@ impl SimNetwork {
                     genesis,
                     accepted,
                 } => {
-                    let store = &mut self.nodes[i].store;
+                    let node = &mut self.nodes[i];
+                    if self.acting == Some(i) {
+                        node.unsure.push(Unsure {
+                            doc,
+                            created: !node.store.docs.contains_key(&doc),
+                            changes: accepted.changes.len(),
+                            sigs: accepted.sigs.len(),
+                        });
+                    } else {
+                        // A later write is durable, so are the earlier ones.
+                        node.unsure.clear();
+                    }
+                    let store = &mut node.store;
                     let entry = store.docs.entry(doc).or_insert_with(|| StoredDoc {
                         genesis: genesis.clone().expect("first persist carries the genesis"),
                         snapshot: None,
