@@ -362,7 +362,7 @@ async fn discussion(api: u16, token: &str, id: &str) -> std::collections::BTreeS
 }
 
 /// A node sends its own changes before their write is durable. Killed (`kill -9`) while
-/// comments stream into an order that a peer follows, it restarts as a new incarnation
+/// comments stream into an order that a peer follows and its disk hangs, it restarts as a new incarnation
 /// and comments while still offline; a clean stop (SIGTERM) keeps that incarnation;
 /// once reconnected, the peer accepts the new comment (no fork with a change the peer
 /// got but the node lost) and both end with the same discussion holding every
@@ -374,17 +374,17 @@ async fn a_killed_node_restarts_as_a_new_incarnation_and_converges_with_its_peer
     init(db.path(), "Supplier GmbH");
     let (ta, tb) = (token(da.path()), token(db.path()));
     let (pa, pb, aa, ab) = (free_port(), free_port(), free_port(), free_port());
-    // A slow disk on A (50 ms per group commit) while its changes go out at once: the
-    // kill below then finds changes that B holds and A never wrote.
+    // A's disk hangs after 40 group commits while its changes still go out at once: the
+    // comments in flight then are held by B and never written by A.
     let mut a = run_env(
         da.path(),
         pa,
         aa,
         None,
-        &[("COFAB_FAULT_STORE_DELAY_MS", "50")],
+        &[("COFAB_FAULT_STORE_HANG_AFTER", "40")],
     );
     wait_healthy(aa).await;
-    let mut b = run(db.path(), pb, ab, Some(pa));
+    let b = run(db.path(), pb, ab, Some(pa));
     wait_healthy(ab).await;
     assert_eq!(get_json(aa, &ta, "/api/v1/status").await["incarnation"], 0);
     let client = reqwest::Client::new();
@@ -436,13 +436,36 @@ async fn a_killed_node_restarts_as_a_new_incarnation_and_converges_with_its_peer
         }));
     }
     drop(tx);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Once the disk hangs, acknowledgements stop; A is killed when B holds a comment that
+    // was never acknowledged.
+    let mut acked = std::collections::BTreeSet::new();
+    let t = Instant::now();
+    loop {
+        while let Ok(c) = rx.try_recv() {
+            acked.insert(c);
+        }
+        let on_b = discussion(ab, &tb, &id).await;
+        if !acked.is_empty() && on_b.difference(&acked).next().is_some() {
+            // Still unacknowledged a moment later (not an acknowledgement on its way).
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            while let Ok(c) = rx.try_recv() {
+                acked.insert(c);
+            }
+            if on_b.difference(&acked).next().is_some() {
+                break;
+            }
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "B never held an unacknowledged comment"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     a.kill().unwrap(); // SIGKILL
     a.wait().unwrap();
     for w in writers {
         w.await.unwrap();
     }
-    let mut acked = std::collections::BTreeSet::new();
     while let Ok(t) = rx.try_recv() {
         acked.insert(t);
     }
@@ -456,7 +479,7 @@ async fn a_killed_node_restarts_as_a_new_incarnation_and_converges_with_its_peer
     // own chain.
     terminate(b);
     let aa = free_port();
-    let mut a = run(da.path(), free_port(), aa, None);
+    let a = run(da.path(), free_port(), aa, None);
     wait_healthy(aa).await;
     assert_eq!(
         get_json(aa, &ta, "/api/v1/status").await["incarnation"],
