@@ -232,18 +232,7 @@ async fn three_processes_bootstrap_and_share_an_order() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let r = client
-        .post(format!("http://127.0.0.1:{}/api/v1/orders", api[2]))
-        .bearer_auth(&toks[2])
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 201);
-    let id = r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = post_order(api[2], &toks[2], &body).await;
     let posted = Instant::now();
     for i in 0..2 {
         loop {
@@ -337,6 +326,22 @@ fn terminate(mut child: Child) {
     );
 }
 
+/// Posts an order (expecting 201 Created); returns its id.
+async fn post_order(api: u16, token: &str, body: &Value) -> String {
+    let r = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{api}/api/v1/orders"))
+        .bearer_auth(token)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 async fn get_json(api: u16, token: &str, path: &str) -> Value {
     reqwest::Client::new()
         .get(format!("http://127.0.0.1:{api}{path}"))
@@ -388,18 +393,8 @@ async fn a_killed_node_restarts_as_a_new_incarnation_and_converges_with_its_peer
     wait_healthy(ab).await;
     assert_eq!(get_json(aa, &ta, "/api/v1/status").await["incarnation"], 0);
     let client = reqwest::Client::new();
-    let r = client
-        .post(format!("http://127.0.0.1:{aa}/api/v1/orders"))
-        .bearer_auth(&ta)
-        .json(&json!({ "title": "Housing", "quantity": 10, "visibility": "public" }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 201);
-    let id = r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let body = json!({ "title": "Housing", "quantity": 10, "visibility": "public" });
+    let id = post_order(aa, &ta, &body).await;
     let t = Instant::now();
     while get_json(ab, &tb, &format!("/api/v1/orders/{id}")).await["title"] != "Housing" {
         assert!(

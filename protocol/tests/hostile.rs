@@ -219,20 +219,25 @@ fn forged_signature_is_refused() {
     ));
 }
 
-/// A change whose actor id is not a 32-byte enterprise key is refused as unbound.
+/// A change whose actor id is not an author (a 32-byte enterprise key, or a key and a
+/// non-zero 4-byte incarnation) is refused as unbound: a short id, and the key padded
+/// with a zero incarnation (a second spelling of incarnation 0, which would let one
+/// author run two chains).
 #[test]
 fn unbound_actor_is_refused() {
     let w = world(Visibility::Public);
     let id = w.order.id();
     let hostile = kp(9);
-    let actor = ActorId::from(&[0xab; 16][..]);
-    let c = craft(&w.order, actor.clone(), &id.to_string(), |tx| {
-        let d = map(tx, &ROOT, "discussion");
-        tx.insert(&d, 0, "hi").unwrap();
-    });
-    let mut rx = receiver_with(&w.receiver, &w.order, &hostile);
-    let err = rejected(&mut rx, &hostile, id, signed(&c, &hostile, &id));
-    assert_eq!(err, IngestError::UnboundActor(actor.to_hex_string()));
+    let padded = [hostile.id().as_bytes().as_slice(), &[0, 0, 0, 0]].concat();
+    for actor in [ActorId::from(&[0xab; 16][..]), ActorId::from(padded)] {
+        let c = craft(&w.order, actor.clone(), &id.to_string(), |tx| {
+            let d = map(tx, &ROOT, "discussion");
+            tx.insert(&d, 0, "hi").unwrap();
+        });
+        let mut rx = receiver_with(&w.receiver, &w.order, &hostile);
+        let err = rejected(&mut rx, &hostile, id, signed(&c, &hostile, &id));
+        assert_eq!(err, IngestError::UnboundActor(actor.to_hex_string()));
+    }
 }
 
 /// A change sent without any signature covering it is refused as unsigned.
