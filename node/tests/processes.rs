@@ -84,16 +84,20 @@ fn token(dir: &Path) -> String {
         .to_string()
 }
 
-async fn titles(api: u16, token: &str) -> Vec<String> {
-    let v: Value = reqwest::Client::new()
-        .get(format!("http://127.0.0.1:{api}/api/v1/orders"))
+async fn get_json(api: u16, token: &str, path: &str) -> Value {
+    reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{api}{path}"))
         .bearer_auth(token)
         .send()
         .await
         .unwrap()
         .json()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+async fn titles(api: u16, token: &str) -> Vec<String> {
+    let v = get_json(api, token, "/api/v1/orders").await;
     v.as_array()
         .unwrap()
         .iter()
@@ -340,18 +344,6 @@ async fn post_order(api: u16, token: &str, body: &Value) -> String {
         .as_str()
         .unwrap()
         .to_string()
-}
-
-async fn get_json(api: u16, token: &str, path: &str) -> Value {
-    reqwest::Client::new()
-        .get(format!("http://127.0.0.1:{api}{path}"))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
 }
 
 async fn discussion(api: u16, token: &str, id: &str) -> std::collections::BTreeSet<String> {
