@@ -34,7 +34,7 @@ fn spawn_attacker(
                 cmd = rx.recv() => match cmd {
                     None => return,
                     Some(Cmd::Dial(a)) => { let _ = swarm.dial(a); }
-                    Some(Cmd::Garbage(p)) => { swarm.behaviour_mut().sync.send_request(&p, SyncRequest::Frame(vec![1, 99, 7, 7])); }
+                    Some(Cmd::Garbage(p)) => { swarm.behaviour_mut().sync.send_request(&p, SyncRequest::Frame(vec![cofab_protocol::wire::WIRE_VERSION, 99, 7, 7])); }
                     Some(Cmd::Publish(bytes)) => {
                         let r = swarm.behaviour_mut().gossip.publish(topic.clone(), bytes);
                         let _ = ev_tx.send(format!("published {}", r.is_ok()));

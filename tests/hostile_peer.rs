@@ -1,5 +1,5 @@
 //! A hostile peer over the real transport: a libp2p swarm built with the node's own
-//! `build_swarm` (its own key) that speaks `/cofab/sync/1` to a real node and misbehaves,
+//! `build_swarm` (its own key) that speaks `/cofab/sync/2` to a real node and misbehaves,
 //! while an honest node keeps working with the node under attack.
 //!
 //! For every attack: each bad message is counted under its reason in the node's rejection
@@ -505,10 +505,10 @@ async fn malformed_frames_are_counted_and_the_sender_banned() {
     );
     tried += s.strike_out(&truncated, list).await;
 
-    // Unknown versions: the real frame with versions 0, 2, 9, 255.
+    // Unknown versions: the real frame with versions 0, 1 (before incarnations), 9, 255.
     let versions = Hostile::spawn(test_key("hostile_frames", 12), target);
     let list = frames(
-        [0u8, 2, 9, 255]
+        [0u8, 1, 9, 255]
             .iter()
             .map(|&v| {
                 let mut f = real.clone();

@@ -3,7 +3,7 @@
 //!
 //! Owns: how bytes move between nodes. TCP and QUIC, noise, yamux, identify,
 //! ping, mDNS (optional), Kademlia for peers beyond the LAN, gossipsub for
-//! announcements, and a request-response protocol (`/cofab/sync/1`) carrying
+//! announcements, and a request-response protocol (`/cofab/sync/2`) carrying
 //! [`cofab_protocol::wire::Frame`]s as length-prefixed bytes.
 //! Must not: interpret frames (the event loop hands them to the replica).
 
@@ -21,7 +21,7 @@ use libp2p::{
 };
 
 /// The sync protocol name.
-pub const SYNC_PROTOCOL: StreamProtocol = StreamProtocol::new("/cofab/sync/1");
+pub const SYNC_PROTOCOL: StreamProtocol = StreamProtocol::new("/cofab/sync/2");
 /// The gossipsub topic on which public documents are announced.
 pub const ANNOUNCE_TOPIC: &str = "cofab/announce/1";
 /// The gossipsub topic on which security alerts are published.

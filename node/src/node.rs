@@ -873,7 +873,12 @@ impl EventLoop {
         while !self.awaiting.is_empty() {
             match self.store_done.recv().await {
                 Some((id, r)) => self.durable(id, r),
-                None => break,
+                None => {
+                    // The store thread is gone: what waits was never written.
+                    while let Some((_, p, _)) = self.awaiting.pop_front() {
+                        self.release(p, Err("store thread stopped".into()));
+                    }
+                }
             }
         }
         // Stop the store thread and wait for it (it finishes the groups it was given, such
@@ -881,7 +886,15 @@ impl EventLoop {
         // flushed from two threads at once (sled 0.34 can then wait forever).
         self.store_tx = None;
         if let Some(t) = self.store_thread.take() {
-            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+            let joined = tokio::task::spawn_blocking(move || t.join()).await;
+            if !matches!(joined, Ok(Ok(()))) {
+                tracing::error!("store thread failed");
+                self.store_failed = true;
+            }
+        }
+        // Groups finished after the wait above (received changes): their results count too.
+        while let Ok((id, r)) = self.store_done.try_recv() {
+            self.durable(id, r);
         }
         let store = self.store.clone();
         let clean = !self.store_failed;
@@ -893,8 +906,10 @@ impl EventLoop {
             Ok::<_, crate::store::StoreError>(())
         })
         .await;
-        if let Ok(Err(e)) = ended {
-            tracing::error!("final store flush failed: {e}");
+        match ended {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!("final store flush failed: {e}"),
+            Err(e) => tracing::error!("final store flush failed: {e}"),
         }
         let peers: Vec<PeerId> = self.peers.keys().copied().collect();
         for p in peers {
@@ -1750,7 +1765,7 @@ fn estimate(m: &SyncMessage) -> usize {
         Payload::Snapshot { bytes, sigs } => bytes.len() + sigs.len() * 96,
     };
     p + 64
-        + m.clock.len() * 40
+        + m.clock.len() * 47
         + m.heads.len() * 32
         + m.genesis.as_ref().map(|g| g.0.len() + 64).unwrap_or(0)
 }

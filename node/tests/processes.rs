@@ -316,14 +316,31 @@ async fn unwritable_log_output_does_not_stop_the_node() {
     let _ = child.wait();
 }
 
-/// Stops a node with SIGTERM and checks that it exits cleanly.
-fn terminate(mut child: Child) {
+/// Stops a node with SIGTERM and checks that it exits cleanly within 30 s.
+fn terminate(child: Child) {
+    terminate_within(child, Duration::from_secs(30));
+}
+
+/// Stops a node with SIGTERM and checks that it exits cleanly within `limit` (it is
+/// killed, and the check fails, if it does not).
+fn terminate_within(mut child: Child, limit: Duration) {
     let term = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
     assert!(term.success());
-    let status = child.wait().unwrap();
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the node did not stop within {limit:?} of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert!(
         status.success(),
         "SIGTERM should stop the node cleanly: {status}"
@@ -531,4 +548,39 @@ async fn a_killed_node_restarts_as_a_new_incarnation_and_converges_with_its_peer
         let _ = c.kill();
         let _ = c.wait();
     }
+}
+
+/// SIGTERM stops a node cleanly even while a console holds its event stream open (an
+/// event stream never ends by itself): the process exits with success within the grace
+/// period, and the next start keeps the incarnation (a clean end was recorded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_an_open_event_stream_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    init(dir.path(), "Console GmbH");
+    let tok = token(dir.path());
+    let api = free_port();
+    let a = run(dir.path(), free_port(), api, None);
+    wait_healthy(api).await;
+    let mut stream = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{api}/api/v1/events"))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap();
+    assert!(stream.status().is_success());
+    let reader = tokio::spawn(async move { while let Ok(Some(_)) = stream.chunk().await {} });
+    tokio::task::spawn_blocking(move || terminate_within(a, Duration::from_secs(10)))
+        .await
+        .unwrap();
+    reader.abort();
+    let api = free_port();
+    let mut a = run(dir.path(), free_port(), api, None);
+    wait_healthy(api).await;
+    assert_eq!(
+        get_json(api, &tok, "/api/v1/status").await["incarnation"],
+        0,
+        "a clean stop keeps the incarnation"
+    );
+    let _ = a.kill();
+    let _ = a.wait();
 }

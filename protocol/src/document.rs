@@ -7,7 +7,8 @@
 //! Must not: do IO or read the clock; `now_ms` is always an argument.
 //!
 //! ## How signature cost is kept low
-//! Every change's actor id *is* its author's 32-byte public key, and automerge puts
+//! Every change's actor id *is* its author ([`Author`]: the enterprise's 32-byte public
+//! key, plus an incarnation after an unclean restart), and automerge puts
 //! an author's previous change (seq-1) directly in each change's deps, so each
 //! change hash commits to the author's whole chain. A received batch therefore needs
 //! one verified signature per author (on its newest change in the batch); the

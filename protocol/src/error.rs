@@ -118,7 +118,8 @@ pub enum IngestError {
     /// Change bytes do not parse.
     #[error("malformed change: {0}")]
     MalformedChange(String),
-    /// The change's actor is not an enterprise public key.
+    /// The change's actor is not an author: an enterprise public key, optionally followed
+    /// by a non-zero 4-byte incarnation.
     #[error("actor {0} is not bound to an enterprise key")]
     UnboundActor(String),
     /// The change names another document: replayed from elsewhere.

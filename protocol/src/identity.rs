@@ -97,7 +97,8 @@ impl EnterpriseId {
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }
-    /// Parses raw bytes (e.g. an automerge actor id); the length must be 32.
+    /// Parses raw key bytes; the length must be 32 (an automerge actor id is parsed by
+    /// [`Author::from_actor`]).
     pub fn from_slice(bytes: &[u8]) -> Result<Self, IdError> {
         let arr: [u8; 32] = bytes.try_into().map_err(|_| IdError::Length(bytes.len()))?;
         Ok(Self(arr))

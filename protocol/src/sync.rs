@@ -84,7 +84,8 @@ pub enum Output {
         /// The message.
         msg: SyncMessage,
     },
-    /// Durably store what a document gained (before acknowledging or forwarding it).
+    /// Store what a document gained (the node acknowledges a local write once this is
+    /// durable; messages may leave before: see `cofab_protocol::Author`).
     Persist {
         /// The document.
         doc: DocId,

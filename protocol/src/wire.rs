@@ -23,8 +23,9 @@ use crate::document::{ChangeBatch, Clock};
 use crate::error::DecodeError;
 use crate::identity::{Author, EnterpriseId};
 
-/// The wire version this build speaks.
-pub const WIRE_VERSION: u8 = 1;
+/// The wire version this build speaks. 2: clock entries carry the author's incarnation
+/// (1 had none; a node speaking 1 refuses these frames as an unknown version).
+pub const WIRE_VERSION: u8 = 2;
 /// Hard limit on one frame, in bytes.
 pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
 /// Most sync messages in one frame.

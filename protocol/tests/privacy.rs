@@ -120,8 +120,10 @@ fn members_documents_are_never_sent_to_non_members() {
     let mut late_added = 0;
     for seed in 0..SEEDS {
         let mut net = SimNetwork::new(seed, faults());
-        // Who receives what does not depend on durability; the owners' own documents must
-        // survive their crashes here for the checks below (lost writes: convergence.rs).
+        // The checks below assume every removal took effect. A removal lost in a crash
+        // before it was durable was never acknowledged: until a peer gives it back, the
+        // restarted owner (rightly, by what it holds) still counts the member and may send
+        // it new content. So owners keep their writes here (lost writes: convergence.rs).
         net.crash_loses_unsure_writes = false;
         let n = 6;
         for _ in 0..n {
@@ -237,8 +239,10 @@ fn members_documents_are_never_sent_to_non_members() {
 fn removed_member_receives_nothing_more() {
     for seed in 0..SEEDS / 2 {
         let mut net = SimNetwork::new(1000 + seed, faults());
-        // Who receives what does not depend on durability; the owners' own documents must
-        // survive their crashes here for the checks below (lost writes: convergence.rs).
+        // The checks below assume every removal took effect. A removal lost in a crash
+        // before it was durable was never acknowledged: until a peer gives it back, the
+        // restarted owner (rightly, by what it holds) still counts the member and may send
+        // it new content. So owners keep their writes here (lost writes: convergence.rs).
         net.crash_loses_unsure_writes = false;
         let n = 5;
         for _ in 0..n {

@@ -284,6 +284,9 @@ fn init(cli: &Cli, name: &str) {
     }
 }
 
+/// How long a stopping node waits for open API connections before it closes them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
 async fn shutdown_signal() {
     #[cfg(unix)]
     {
@@ -353,15 +356,32 @@ async fn run(cli: &Cli, args: &RunArgs) {
             .unwrap_or(api_addr)
     );
     let app = api::router(h.clone(), token);
+    let signalled = std::sync::Arc::new(tokio::sync::Notify::new());
+    let on_signal = signalled.clone();
     let server = axum::serve(
         axum::serve::ListenerExt::tap_io(listener, |tcp| {
             let _ = tcp.set_nodelay(true);
         }),
         app,
     )
-    .with_graceful_shutdown(shutdown_signal());
-    if let Err(e) = server.await {
-        tracing::error!("api server: {e}");
+    .with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        on_signal.notify_one();
+    });
+    // Requests in progress may finish, but an open event stream (a console) never ends by
+    // itself: the node is stopped (cleanly, so it keeps its incarnation) after a grace period.
+    tokio::select! {
+        r = std::future::IntoFuture::into_future(server) => {
+            if let Err(e) = r {
+                tracing::error!("api server: {e}");
+            }
+        }
+        _ = async {
+            signalled.notified().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::info!("API connections still open after {SHUTDOWN_GRACE:?}; closing them");
+        }
     }
     tracing::info!("shutting down");
     h.shutdown().await;
