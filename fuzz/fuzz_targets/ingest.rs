@@ -15,10 +15,10 @@
 use std::sync::{Once, OnceLock};
 
 use automerge::transaction::{CommitOptions, Transactable};
-use automerge::{ActorId, Automerge, Change, ObjId, ObjType, ReadDoc, Value, ROOT};
+use automerge::{Automerge, Change, ObjId, ObjType, ReadDoc, Value, ROOT};
 use cofab_protocol::model::{self, BidInput, DesignInput, OrderInput};
 use cofab_protocol::wire::Frame;
-use cofab_protocol::{ChangeBatch, Clock, Document, EnterpriseId, Keypair, Replica, Role, Visibility};
+use cofab_protocol::{Author, ChangeBatch, Clock, Document, EnterpriseId, Keypair, Replica, Role, Visibility};
 use libfuzzer_sys::fuzz_target;
 
 const NOW: i64 = 1_700_000_000_000;
@@ -58,8 +58,10 @@ fn quiet_caught_panics() {
     ONCE.call_once(|| std::panic::set_hook(Box::new(|_| {})));
 }
 
+/// The test key of an actor (in any incarnation), if it is one.
 fn key_of(actor: &[u8]) -> Option<&'static Keypair> {
-    world().keys.iter().find(|k| k.id().as_bytes().as_slice() == actor)
+    let author = Author::from_actor(actor).ok()?;
+    world().keys.iter().find(|k| k.id() == author.enterprise)
 }
 
 /// Signs every change whose author is a test key.
@@ -105,7 +107,7 @@ const KEYS: [&str; 20] = [
 /// Runs a tiny op program as `actor` on a copy of `base` and returns the change.
 fn program(base: &Document, actor: &Keypair, message: String, r: &mut Bytes<'_>) -> Option<Change> {
     let mut am: Automerge = base.automerge().clone();
-    am.set_actor(ActorId::from(actor.id().as_bytes().to_vec()));
+    am.set_actor(actor.author().actor());
     let ids: Vec<String> = world().keys.iter().map(|k| k.id().to_string()).collect();
     let mut tx = am.transaction();
     let mut objs: Vec<ObjId> = vec![ROOT];
@@ -180,7 +182,8 @@ fuzz_target!(|data: &[u8]| {
         }
         2 => {
             let who = r.u8().unwrap_or(0);
-            let actor = &w.keys[who as usize % 4];
+            // Bit 0x20: the author writes as its next incarnation.
+            let actor = &w.keys[who as usize % 4].clone().with_incarnation(u32::from(who & 0x20 != 0));
             let message = if who & 0x40 != 0 { w.docs[1 - ((head >> 2) as usize & 1)].id().to_string() } else { doc.id().to_string() };
             let Some(change) = program(&doc, actor, message, &mut r) else { return };
             let signer = if who & 0x80 != 0 { &w.keys[(who as usize + 1) % 4] } else { actor };
