@@ -189,34 +189,48 @@ fn rule_of(e: &IngestError) -> &Rule {
     }
 }
 
-/// A bid whose signature was made with another enterprise's key is refused as forged.
+/// A bid whose signature was made with another enterprise's key is refused as forged, in
+/// the author's first incarnation and in a later one (the key in the actor decides).
 #[test]
 fn forged_signature_is_refused() {
-    let w = world(Visibility::Public);
-    let id = w.order.id();
-    let hostile = kp(9);
-    let c = craft(&w.order, hostile.author().actor(), &id.to_string(), |tx| {
-        let bids = map(tx, &ROOT, "bids");
-        let b = tx
-            .put_object(&bids, hostile.id().to_string(), automerge::ObjType::Map)
-            .unwrap();
-        tx.put(&b, "unit_price", 1.0).unwrap();
-    });
-    // signed by someone else's key
-    let mut rx = receiver_with(&w.receiver, &w.order, &hostile);
-    let err = rejected(&mut rx, &hostile, id, signed(&c, &w.s1, &id));
-    assert!(
-        matches!(&err, IngestError::BadSignature { author, hash } if author.enterprise == hostile.id() && *hash == c.hash().to_string()),
-        "{err:?}"
-    );
-    // and a correct signature with one bit flipped
-    let mut batch = signed(&c, &hostile, &id);
-    batch.sigs[0].1[7] ^= 1;
-    let mut rx = receiver_with(&w.receiver, &w.order, &hostile);
-    assert!(matches!(
-        rejected(&mut rx, &hostile, id, batch),
-        IngestError::BadSignature { .. }
-    ));
+    for incarnation in [0, 3] {
+        let w = world(Visibility::Public);
+        let id = w.order.id();
+        let hostile = kp(9).with_incarnation(incarnation);
+        let c = craft(&w.order, hostile.author().actor(), &id.to_string(), |tx| {
+            let bids = map(tx, &ROOT, "bids");
+            let b = tx
+                .put_object(&bids, hostile.id().to_string(), automerge::ObjType::Map)
+                .unwrap();
+            tx.put(&b, "unit_price", 1.0).unwrap();
+        });
+        // signed by someone else's key
+        let mut rx = receiver_with(&w.receiver, &w.order, &hostile);
+        let err = rejected(&mut rx, &hostile, id, signed(&c, &w.s1, &id));
+        assert!(
+            matches!(&err, IngestError::BadSignature { author, hash } if *author == hostile.author() && *hash == c.hash().to_string()),
+            "{err:?}"
+        );
+        // and a correct signature with one bit flipped
+        let mut batch = signed(&c, &hostile, &id);
+        batch.sigs[0].1[7] ^= 1;
+        let mut rx = receiver_with(&w.receiver, &w.order, &hostile);
+        assert!(matches!(
+            rejected(&mut rx, &hostile, id, batch),
+            IngestError::BadSignature { .. }
+        ));
+        // while the correct signature is accepted
+        let mut rx = receiver_with(&w.receiver, &w.order, &hostile);
+        let outs = rx.receive(
+            hostile.id(),
+            changes_msg(id, signed(&c, &hostile, &id)),
+            NOW,
+        );
+        assert!(
+            outs.iter().any(|o| matches!(o, Output::Persist { .. })),
+            "incarnation {incarnation}: {outs:?}"
+        );
+    }
 }
 
 /// A change whose actor id is not an author (a 32-byte enterprise key, or a key and a
