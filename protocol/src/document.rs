@@ -614,6 +614,13 @@ impl Document {
             for (k, i) in idxs.iter().enumerate() {
                 let c = &fresh[*i];
                 let expected = have + 1 + k as u64;
+                if c.seq() < expected {
+                    // A seq already taken by a different change (held ones were skipped).
+                    return Err(IngestError::ForkedChain {
+                        author: *author,
+                        seq: c.seq(),
+                    });
+                }
                 if c.seq() != expected {
                     return Err(IngestError::SeqGap {
                         author: *author,

@@ -154,6 +154,16 @@ pub enum IngestError {
         /// Sequence number received.
         got: u64,
     },
+    /// A change reuses a sequence number of its author under which we hold (or the batch
+    /// carries) a different change: the author's chain forked (its node went back to an
+    /// earlier state, e.g. a restored backup, without taking a new incarnation).
+    #[error("change {seq} of {author} differs from the one we hold: the author's chain forked")]
+    ForkedChain {
+        /// Author.
+        author: Author,
+        /// The reused sequence number.
+        seq: u64,
+    },
     /// A change does not depend directly on its author's previous change.
     #[error("change {seq} of {author} does not depend on its predecessor")]
     BrokenChain {
@@ -195,6 +205,7 @@ impl IngestError {
             IngestError::Unsigned { .. } => "unsigned",
             IngestError::BadSignature { .. } => "bad_signature",
             IngestError::SeqGap { .. } => "seq_gap",
+            IngestError::ForkedChain { .. } => "forked_chain",
             IngestError::BrokenChain { .. } => "broken_chain",
             IngestError::MissingDeps(_) => "missing_deps",
             IngestError::Rule(_) => "rule",

@@ -318,8 +318,8 @@ fn ticks_reach_every_peer_in_turn_and_repair_a_lost_message() {
 /// loses the change, it starts as a new incarnation (a new automerge actor under the
 /// same key). Its next change must not contradict the lost one: the peer accepts it,
 /// gives the lost change back, and both end with both comments by the same enterprise.
-/// Written under the old incarnation, the same next change is refused as a sequence
-/// gap — the fork the incarnation exists to prevent.
+/// Written under the old incarnation, the same next change is refused as a forked chain
+/// — the fork the incarnation exists to prevent.
 #[test]
 fn a_change_lost_in_a_crash_after_it_was_sent_comes_back_and_the_next_incarnation_does_not_fork() {
     use cofab_protocol::document::Clock;
@@ -345,7 +345,10 @@ fn a_change_lost_in_a_crash_after_it_was_sent_comes_back_and_the_next_incarnatio
     let err = b
         .ingest(forked.missing_for(&a.clock(), usize::MAX).0)
         .unwrap_err();
-    assert!(matches!(err, IngestError::SeqGap { .. }), "{err}");
+    assert!(
+        matches!(err, IngestError::ForkedChain { seq: 2, .. }),
+        "{err}"
+    );
 
     // The next incarnation does not: B accepts its change and gives the lost one back.
     let restarted = buyer.clone().with_incarnation(1);
