@@ -996,7 +996,7 @@ pub fn openapi_doc() -> Value {
         "/api/v1/status",
         "get",
         op(
-            "Node identity, listen addresses, peer and document counts",
+            "Node identity and incarnation, listen addresses, peer and document counts",
             None,
             "200",
         ),

@@ -1502,13 +1502,6 @@ impl EventLoop {
         // group is in flight (its events come first).
         let local = !pending.replies.is_empty();
         let wait = local || self.awaiting.iter().any(|(_, _, l)| *l);
-        if writes.is_empty() && self.awaiting.is_empty() {
-            // Local subscribers first: encoding and sending frames takes tens of µs that
-            // a watcher of this node need not wait for.
-            self.release(pending, Ok(()));
-            self.dispatch(sends, announce);
-            return;
-        }
         let id = if writes.is_empty() {
             None
         } else {
@@ -1523,13 +1516,15 @@ impl EventLoop {
             }
             Some(id)
         };
-        if wait {
-            self.dispatch(sends, announce);
+        // With no writes of its own and nothing in flight, there is nothing to wait for.
+        if wait && (id.is_some() || !self.awaiting.is_empty()) {
             self.awaiting.push_back((id, pending, local));
         } else {
             self.release(pending, Ok(()));
-            self.dispatch(sends, announce);
         }
+        // After the events released above: encoding and sending frames takes tens of µs
+        // that a watcher of this node need not wait for.
+        self.dispatch(sends, announce);
     }
 
     /// The store made every batch up to `done` durable (or failed it).

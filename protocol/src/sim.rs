@@ -72,10 +72,9 @@ pub struct SimNode {
     pub up: bool,
     /// Partition group.
     pub group: u32,
-    /// The incarnation the node writes as; a crash moves it on.
-    pub incarnation: u32,
     /// Local writes not yet durable (see [`SimNetwork::crash`]), oldest first.
     unsure: Vec<Unsure>,
+    /// Its key, writing as its current incarnation (a crash moves it on).
     key: Keypair,
 }
 
@@ -156,7 +155,6 @@ impl SimNetwork {
             store: DurableStore::default(),
             up: true,
             group: 0,
-            incarnation: 0,
             unsure: Vec::new(),
             key,
         });
@@ -240,21 +238,23 @@ impl SimNetwork {
                 self.now_ms, self.nodes[i].unsure
             );
         }
-        let lose = self.crash_loses_unsure_writes;
         let node = &mut self.nodes[i];
         node.up = false;
-        let lost: Vec<Unsure> = std::mem::take(&mut node.unsure);
-        for u in lost.into_iter().rev().filter(|_| lose) {
-            self.writes_lost += 1;
-            if u.created {
-                node.store.docs.remove(&u.doc);
-            } else if let Some(d) = node.store.docs.get_mut(&u.doc) {
-                d.changes.truncate(d.changes.len() - u.changes);
-                d.sigs.truncate(d.sigs.len() - u.sigs);
+        let lost = std::mem::take(&mut node.unsure);
+        if self.crash_loses_unsure_writes {
+            self.writes_lost += lost.len() as u64;
+            for u in lost.into_iter().rev() {
+                if u.created {
+                    node.store.docs.remove(&u.doc);
+                } else if let Some(d) = node.store.docs.get_mut(&u.doc) {
+                    d.changes.truncate(d.changes.len() - u.changes);
+                    d.sigs.truncate(d.sigs.len() - u.sigs);
+                }
             }
         }
-        node.incarnation += 1;
-        node.replica = Replica::new(node.key.clone().with_incarnation(node.incarnation));
+        let next = node.key.author().incarnation + 1;
+        node.key = node.key.clone().with_incarnation(next);
+        node.replica = Replica::new(node.key.clone());
         // Its connections died with it: what was in flight on them is never delivered
         // (not even once it has restarted, to the new process or from the old one).
         self.queue.retain(|Reverse(m)| m.from != i && m.to != i);
@@ -269,10 +269,7 @@ impl SimNetwork {
         if std::env::var_os("COFAB_SIM_TRACE").is_some() {
             eprintln!("t={} restart {i}", self.now_ms);
         }
-        let key = self.nodes[i]
-            .key
-            .clone()
-            .with_incarnation(self.nodes[i].incarnation);
+        let key = self.nodes[i].key.clone();
         let mut r = Replica::new(key);
         for s in self.nodes[i].store.docs.values() {
             let d = Document::load_trusted(
