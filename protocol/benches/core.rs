@@ -266,5 +266,43 @@ fn initial_sync_100k(c: &mut Criterion) {
     eprintln!("replica_to_empty_replica: {msgs} messages, {total} bytes");
 }
 
-criterion_group!(benches, signature, ingest, initial_sync_100k);
+/// One comment received into an order that already holds 520 (scenario (a)'s shape):
+/// the whole `Document::ingest`, and its parts — the copy of the automerge document that
+/// rules are checked on, and automerge applying the one change.
+fn incremental(c: &mut Criterion) {
+    let mut src = busy_order(520);
+    let mut dst = Document::new(src.signed_genesis().clone());
+    dst.ingest(full_batch(&src)).unwrap();
+    let acc = model::comment(&mut src, &kp(3), NOW + 10_000, "ok, confirmed").unwrap();
+    let batch = ChangeBatch {
+        changes: acc.changes,
+        sigs: acc.sigs,
+    };
+    let change = Change::from_bytes(batch.changes[0].clone()).unwrap();
+    let mut g = c.benchmark_group("incremental_520");
+    g.bench_function("cofab_ingest_one", |b| {
+        b.iter_batched(
+            || (dst.clone(), batch.clone()),
+            |(mut d, batch)| {
+                assert_eq!(d.ingest(batch).unwrap().changes.len(), 1);
+                d
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    g.bench_function("automerge_clone", |b| b.iter(|| dst.automerge().clone()));
+    g.bench_function("automerge_apply_one", |b| {
+        b.iter_batched(
+            || (dst.automerge().clone(), change.clone()),
+            |(mut a, ch)| {
+                a.apply_changes([ch]).unwrap();
+                a
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(benches, signature, ingest, incremental, initial_sync_100k);
 criterion_main!(benches);
