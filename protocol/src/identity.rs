@@ -85,6 +85,18 @@ pub(crate) fn change_sig_payload(doc: &DocId, hash: &automerge::ChangeHash) -> V
     payload
 }
 
+/// Verifies a change signature against an already decompressed key (strict: no weak
+/// keys, no malleable signatures).
+pub(crate) fn verify_change_with(
+    key: &VerifyingKey,
+    doc: &DocId,
+    hash: &automerge::ChangeHash,
+    sig: &Signature,
+) -> bool {
+    key.verify_strict(&change_sig_payload(doc, hash), sig)
+        .is_ok()
+}
+
 /// An enterprise's public key: who authored a change, who owns or belongs to a document.
 ///
 /// Printed as `cf1` + lowercase base32 of the 32 key bytes and a 4-byte SHA-256 checksum,
@@ -111,9 +123,7 @@ impl EnterpriseId {
         sig: &Signature,
     ) -> bool {
         match VerifyingKey::from_bytes(&self.0) {
-            Ok(vk) => vk
-                .verify_strict(&change_sig_payload(doc, hash), sig)
-                .is_ok(),
+            Ok(vk) => verify_change_with(&vk, doc, hash, sig),
             Err(_) => false,
         }
     }
