@@ -599,28 +599,20 @@ impl Document {
         // Decompressing a key costs microseconds: once per distinct enterprise, and the
         // key is kept for the signature checks below.
         let mut keys: HashMap<EnterpriseId, VerifyingKey> = HashMap::new();
-        let mut last: Option<Author> = None;
         for (i, c) in fresh.iter().enumerate() {
             let a = match Author::from_actor(c.actor_bytes()) {
-                Ok(a) if last == Some(a) || keys.contains_key(&a.enterprise) => a,
-                Ok(a) => match a.enterprise.verifying_key() {
-                    Some(k) => {
-                        keys.insert(a.enterprise, k);
-                        a
-                    }
-                    None => {
-                        return Err(IngestError::UnboundActor(
-                            c.actor_bytes().iter().map(|b| format!("{b:02x}")).collect(),
-                        ))
-                    }
-                },
-                _ => {
-                    return Err(IngestError::UnboundActor(
-                        c.actor_bytes().iter().map(|b| format!("{b:02x}")).collect(),
-                    ))
-                }
+                Ok(a) if keys.contains_key(&a.enterprise) => Some(a),
+                Ok(a) => a.enterprise.verifying_key().map(|k| {
+                    keys.insert(a.enterprise, k);
+                    a
+                }),
+                Err(_) => None,
             };
-            last = Some(a);
+            let Some(a) = a else {
+                return Err(IngestError::UnboundActor(
+                    c.actor_bytes().iter().map(|b| format!("{b:02x}")).collect(),
+                ));
+            };
             if c.message() != Some(doc_str.as_str()) {
                 return Err(IngestError::WrongDocument {
                     hash: c.hash().to_string(),
