@@ -828,6 +828,7 @@ impl EventLoop {
                         }
                     }
                     self.commit();
+                    self.replica.idle();
                     if let Some(reply) = stop {
                         self.shutdown().await;
                         let _ = reply.send(());
@@ -852,11 +853,13 @@ impl EventLoop {
                 ev = self.swarm.select_next_some() => {
                     self.swarm_event(ev);
                     self.commit();
+                    self.replica.idle();
                 }
                 _ = tick.tick() => {
                     let outs = self.replica.tick();
                     self.outputs(outs);
                     self.commit();
+                    self.replica.idle();
                 }
                 _ = kad_tick.tick() => {
                     if self.has_bootstrap {
@@ -1502,29 +1505,48 @@ impl EventLoop {
         // group is in flight (its events come first).
         let local = !pending.replies.is_empty();
         let wait = local || self.awaiting.iter().any(|(_, _, l)| *l);
-        let id = if writes.is_empty() {
-            None
-        } else {
-            self.next_batch += 1;
-            let id = self.next_batch;
-            if self.store_tx.as_ref().is_none_or(|tx| {
-                hop("commit");
-                tx.send((id, writes)).is_err()
-            }) {
-                self.release(pending, Err("store thread stopped".into()));
-                return;
+        if writes.is_empty() {
+            // With no writes of its own and nothing in flight, there is nothing to wait for.
+            if wait && !self.awaiting.is_empty() {
+                self.awaiting.push_back((None, pending, local));
+            } else {
+                self.release(pending, Ok(()));
             }
-            Some(id)
-        };
-        // With no writes of its own and nothing in flight, there is nothing to wait for.
-        if wait && (id.is_some() || !self.awaiting.is_empty()) {
-            self.awaiting.push_back((id, pending, local));
+            self.dispatch(sends, announce);
+            return;
+        }
+        self.next_batch += 1;
+        let id = self.next_batch;
+        // Order, for the peers' and watchers' sake: events that need not wait, then the
+        // frames to peers, then the hand-off to the store thread (waking it costs tens of
+        // µs here, which a received change's way to its watchers and a sent change's way
+        // to peers need not include). Sending before the write has even started is as safe
+        // as sending while it is in flight: see README "Durability" (incarnations).
+        let held = if wait {
+            Some(pending)
         } else {
             self.release(pending, Ok(()));
-        }
-        // After the events released above: encoding and sending frames takes tens of µs
-        // that a watcher of this node need not wait for.
+            None
+        };
         self.dispatch(sends, announce);
+        hop("commit");
+        if self
+            .store_tx
+            .as_ref()
+            .is_none_or(|tx| tx.send((id, writes)).is_err())
+        {
+            match held {
+                Some(p) => self.release(p, Err("store thread stopped".into())),
+                None => {
+                    tracing::error!("store thread stopped; received changes not written");
+                    self.store_failed = true;
+                }
+            }
+            return;
+        }
+        if let Some(p) = held {
+            self.awaiting.push_back((Some(id), p, local));
+        }
     }
 
     /// The store made every batch up to `done` durable (or failed it).

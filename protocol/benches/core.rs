@@ -273,6 +273,10 @@ fn incremental(c: &mut Criterion) {
     let mut src = busy_order(520);
     let mut dst = Document::new(src.signed_genesis().clone());
     dst.ingest(full_batch(&src)).unwrap();
+    let (mut a, b) = (Replica::new(kp(3)), Replica::new(kp(20)));
+    a.load(src.clone());
+    let mut b = b;
+    b.load(dst.clone());
     let acc = model::comment(&mut src, &kp(3), NOW + 10_000, "ok, confirmed").unwrap();
     let batch = ChangeBatch {
         changes: acc.changes,
@@ -290,6 +294,61 @@ fn incremental(c: &mut Criterion) {
             BatchSize::LargeInput,
         )
     });
+    // The replica's whole receive of a comment from a connected peer (session
+    // bookkeeping and the reply included), as the node runs it: a first comment makes
+    // the order the replica's "hot" document, `idle` copies it, and the second comment
+    // (the one timed) is checked on that copy; and the same without the copy.
+    let _ = b.peer_connected(a.id());
+    let first = a
+        .peer_connected(b.id())
+        .into_iter()
+        .map(|o| (0, o))
+        .collect();
+    pump(&mut a, &mut b, first);
+    let id = src.id();
+    let to_b = |outs: Vec<Output>, b: &Replica| -> SyncMessage {
+        outs.into_iter()
+            .find_map(|o| match o {
+                Output::Send { to, msg } if to == b.id() => Some(msg),
+                _ => None,
+            })
+            .expect("a message for b")
+    };
+    let comment = |a: &mut Replica, t: i64| {
+        a.edit(&id, t, |d, k, now| {
+            model::comment(d, k, now, "ok, confirmed")
+        })
+        .unwrap()
+        .1
+    };
+    let m1 = to_b(comment(&mut a, NOW + 20_000), &b);
+    let outs = b.receive(a.id(), m1, NOW);
+    assert!(outs.iter().any(|o| matches!(o, Output::Updated { .. })));
+    b.idle();
+    let m2 = to_b(comment(&mut a, NOW + 20_001), &b);
+    for (name, spare) in [
+        ("replica_receive_one_spare", true),
+        ("replica_receive_one", false),
+    ] {
+        let mut base = b.clone();
+        if !spare {
+            // A replica whose hot document is another one holds no copy of this one.
+            base = Replica::new(kp(20));
+            base.load(b.doc(&id).unwrap().clone());
+            let _ = base.peer_connected(a.id());
+        }
+        g.bench_function(name, |bn| {
+            bn.iter_batched(
+                || (base.clone(), m2.clone()),
+                |(mut r, m)| {
+                    let outs = r.receive(a.id(), m, NOW);
+                    assert!(outs.iter().any(|o| matches!(o, Output::Updated { .. })));
+                    r
+                },
+                BatchSize::LargeInput,
+            )
+        });
+    }
     g.bench_function("automerge_clone", |b| b.iter(|| dst.automerge().clone()));
     g.bench_function("automerge_apply_one", |b| {
         b.iter_batched(

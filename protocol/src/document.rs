@@ -399,13 +399,31 @@ impl Document {
     /// batches for different documents can be prepared on several threads; the result
     /// is applied with [`Self::commit_prepared`] while [`Self::is_current`] holds.
     pub fn prepare(&self, batch: &ChangeBatch) -> Prepared {
+        self.prepare_with(batch, &mut None)
+    }
+
+    /// [`Self::prepare`], checking the changes on `spare` instead of a fresh copy of the
+    /// document when `spare` is one (same heads): a copy made while the node was idle
+    /// (see [`crate::sync::Replica::idle`]) keeps the copy off a received change's way.
+    /// `spare` is taken only if the changes get applied to it; otherwise it is left.
+    pub fn prepare_with(&self, batch: &ChangeBatch, spare: &mut Option<Automerge>) -> Prepared {
         Prepared {
             base: self.doc.get_heads(),
-            result: self.prepare_inner(batch),
+            result: self.prepare_inner(batch, spare),
         }
     }
 
-    fn prepare_inner(&self, batch: &ChangeBatch) -> Result<Option<Box<Ready>>, IngestError> {
+    /// Whether `copy` stands exactly where this document stands (same heads, so the
+    /// same changes and, automerge being deterministic, the same state).
+    pub fn is_copy(&self, copy: &Automerge) -> bool {
+        copy.get_heads() == self.doc.get_heads()
+    }
+
+    fn prepare_inner(
+        &self,
+        batch: &ChangeBatch,
+        spare: &mut Option<Automerge>,
+    ) -> Result<Option<Box<Ready>>, IngestError> {
         if batch.changes.len() > MAX_CHANGES_PER_BATCH {
             return Err(IngestError::TooLarge(format!(
                 "{} changes",
@@ -430,7 +448,13 @@ impl Document {
         let sigs: HashMap<ChangeHash, [u8; 64]> = batch.sigs.iter().copied().collect();
         let (order, verified) = self.verify_fresh(&fresh, &sigs, true)?;
         let sorted: Vec<&Change> = order.iter().map(|&i| &fresh[i]).collect();
-        let mut scratch = self.doc.clone();
+        let mut scratch = match spare.take() {
+            Some(copy) if self.is_copy(&copy) => copy,
+            other => {
+                *spare = other;
+                self.doc.clone()
+            }
+        };
         catch(|| scratch.apply_changes(sorted.iter().map(|c| (*c).clone())))
             .map_err(IngestError::Apply)?
             .map_err(|e| IngestError::Apply(e.to_string()))?;
@@ -487,6 +511,18 @@ impl Document {
     /// Applies what [`Self::prepare`] verified (or returns its refusal). The caller
     /// checked [`Self::is_current`].
     pub fn commit_prepared(&mut self, prepared: Prepared) -> Result<Accepted, IngestError> {
+        self.commit_prepared_retiring(prepared, &mut Vec::new())
+    }
+
+    /// [`Self::commit_prepared`], pushing the replaced automerge state onto `retired`
+    /// instead of freeing it here: freeing a document's state costs about as much as
+    /// copying it (≈30 µs for a 520-comment order), which a caller can do after it has
+    /// told its watchers about the change.
+    pub fn commit_prepared_retiring(
+        &mut self,
+        prepared: Prepared,
+        retired: &mut Vec<Automerge>,
+    ) -> Result<Accepted, IngestError> {
         let Some(r) = prepared.result? else {
             return Ok(Accepted::default());
         };
@@ -497,7 +533,7 @@ impl Document {
             raw,
             verified,
         } = *r;
-        self.doc = doc;
+        retired.push(std::mem::replace(&mut self.doc, doc));
         self.paths.extend(paths);
         Ok(self.commit_verified(order, raw, verified, None))
     }

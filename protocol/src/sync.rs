@@ -19,6 +19,7 @@
 //!
 //! Must not: do IO. Inputs are method calls; effects are [`Output`]s.
 
+use automerge::Automerge;
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::doc::{DocId, Kind, SignedGenesis};
@@ -187,6 +188,7 @@ pub struct Stats {
 }
 
 /// The documents and sync sessions of one enterprise. Sans-IO.
+#[derive(Clone)]
 pub struct Replica {
     me: Keypair,
     docs: BTreeMap<DocId, Document>,
@@ -198,7 +200,16 @@ pub struct Replica {
     pub policy: FetchPolicy,
     /// Counters.
     pub stats: Stats,
+    /// The document that last received changes, and a copy of its automerge state made
+    /// in [`Self::idle`] for its next received changes to be checked on.
+    hot: Option<DocId>,
+    spare: Option<(DocId, Automerge)>,
+    /// Replaced automerge states, freed in [`Self::idle`].
+    retired: Vec<Automerge>,
 }
+
+/// Replaced states kept for [`Replica::idle`] at most; beyond, they are freed at once.
+const MAX_RETIRED: usize = 16;
 
 /// An edit through the replica failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -234,6 +245,30 @@ impl Replica {
             ticks: 0,
             policy: FetchPolicy::default(),
             stats: Stats::default(),
+            hot: None,
+            spare: None,
+            retired: Vec::new(),
+        }
+    }
+
+    /// Work kept off a received change's way, for the caller to run once it has
+    /// published what it received: frees the automerge states that accepted changes
+    /// replaced, and copies the state of the document that last received changes, so
+    /// that its next changes are checked on that copy instead of one made while they
+    /// wait (a copy and a free cost ≈25 µs each for a 520-comment order). Holds one
+    /// extra copy of one document at most; a no-op when the copy is current.
+    pub fn idle(&mut self) {
+        self.retired.clear();
+        let Some(id) = self.hot else { return };
+        let Some(doc) = self.docs.get(&id) else {
+            self.hot = None;
+            self.spare = None;
+            return;
+        };
+        if !matches!(&self.spare, Some((d, copy)) if *d == id && doc.is_copy(copy)) {
+            // Free the stale copy before making the next (one extra copy at a time).
+            self.spare = None;
+            self.spare = Some((id, doc.automerge().clone()));
         }
     }
     /// This enterprise.
@@ -559,10 +594,30 @@ impl Replica {
         let had_payload = !matches!(msg.payload, Payload::None);
         let result = match msg.payload {
             Payload::None => Ok(Accepted::default()),
-            Payload::Changes(batch) => match prepared.changes {
-                Some(p) if doc.is_current(&p) => doc.commit_prepared(p),
-                _ => doc.ingest(batch),
-            },
+            Payload::Changes(batch) => {
+                let p = match prepared.changes {
+                    Some(p) if doc.is_current(&p) => p,
+                    _ => {
+                        let mut spare = match self.spare.take() {
+                            Some((d, copy)) if d == id => Some(copy),
+                            other => {
+                                self.spare = other;
+                                None
+                            }
+                        };
+                        let p = doc.prepare_with(&batch, &mut spare);
+                        if let Some(copy) = spare {
+                            self.spare = Some((id, copy));
+                        }
+                        p
+                    }
+                };
+                self.hot = Some(id);
+                if self.retired.len() >= MAX_RETIRED {
+                    self.retired.clear();
+                }
+                doc.commit_prepared_retiring(p, &mut self.retired)
+            }
             // A snapshot that arrives after we already hold what its sender held (two
             // greetings crossed) would cost a full load for nothing: skip it.
             Payload::Snapshot { .. } if !doc.is_empty() && covers(&doc.clock(), &msg.clock) => {
