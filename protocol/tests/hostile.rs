@@ -319,6 +319,67 @@ fn supplier_editing_another_suppliers_bid_is_refused() {
     assert_eq!(*rule_of(&err), Rule::OwnBidOnly, "{err:?}");
 }
 
+/// A node checks a received change on a copy of the document made while it was idle
+/// (`Replica::idle`). A refused change spoils neither the document nor the next check:
+/// the copy it was applied to is thrown away, and the next honest change is checked on a
+/// copy of what the receiver really holds.
+#[test]
+fn refused_change_on_the_idle_copy_spoils_nothing() {
+    let w = world(Visibility::Public);
+    let id = w.order.id();
+    let mut rx = receiver_with(&w.receiver, &w.order, &w.s1);
+    let _ = rx.peer_connected(w.s2.id());
+    let batch = |acc: cofab_protocol::Accepted| ChangeBatch {
+        changes: acc.changes,
+        sigs: acc.sigs,
+    };
+    // s2's comment makes the order the receiver's most recently changed document; idle
+    // copies it.
+    let mut theirs = w.order.clone();
+    let acc = model::comment(&mut theirs, &w.s2, NOW, "first").unwrap();
+    let outs = rx.receive(w.s2.id(), changes_msg(id, batch(acc)), NOW);
+    assert!(
+        outs.iter().any(|o| matches!(o, Output::Updated { .. })),
+        "{outs:?}"
+    );
+    rx.idle();
+    // s1 writes into s2's bid: applied to the copy, then refused.
+    let holding = rx.doc(&id).unwrap().clone();
+    let s2 = w.s2.id().to_string();
+    let bad = craft(&holding, w.s1.author().actor(), &id.to_string(), |tx| {
+        let bids = map(tx, &ROOT, "bids");
+        let bid = map(tx, &bids, &s2);
+        tx.put(&bid, "unit_price", 999.0).unwrap();
+    });
+    let err = rejected(&mut rx, &w.s1, id, signed(&bad, &w.s1, &id));
+    assert_eq!(*rule_of(&err), Rule::OwnBidOnly, "{err:?}");
+    rx.idle();
+    // s2's next comment is accepted, and the receiver holds exactly what s2 holds.
+    let acc = model::comment(&mut theirs, &w.s2, NOW + 1, "second").unwrap();
+    let outs = rx.receive(w.s2.id(), changes_msg(id, batch(acc)), NOW);
+    assert!(
+        outs.iter().any(|o| matches!(o, Output::Updated { .. })),
+        "{outs:?}"
+    );
+    let held = rx.doc(&id).unwrap();
+    assert_eq!(held.heads(), theirs.heads());
+    assert!(held.automerge().get_change_by_hash(&bad.hash()).is_none());
+    let bids = match held.automerge().get(ROOT, "bids").unwrap() {
+        Some((Value::Object(_), o)) => o,
+        other => panic!("bids: {other:?}"),
+    };
+    let bid = match held.automerge().get(&bids, &s2).unwrap() {
+        Some((Value::Object(_), o)) => o,
+        other => panic!("bid: {other:?}"),
+    };
+    let price = held
+        .automerge()
+        .get(&bid, "unit_price")
+        .unwrap()
+        .map(|(v, _)| v);
+    assert_eq!(price, Some(Value::from(6.0)));
+}
+
 /// The buyer moving the status from open straight to shipped is refused.
 #[test]
 fn status_skipping_a_step_is_refused() {
