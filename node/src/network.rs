@@ -66,6 +66,10 @@ pub enum SyncRequest {
     Oversized(usize),
 }
 
+/// Frames up to this size are written with their length prefix in one write (a copy of
+/// the frame); bigger ones in two, without the copy.
+const ONE_WRITE_MAX: usize = 64 * 1024;
+
 async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, bytes: &[u8]) -> io::Result<()> {
     if bytes.len() > MAX_FRAME_BYTES {
         return Err(io::Error::new(
@@ -73,8 +77,18 @@ async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, bytes: &[u8]) -> 
             "frame too large",
         ));
     }
-    io.write_all(&(bytes.len() as u32).to_be_bytes()).await?;
-    io.write_all(bytes).await?;
+    let len = (bytes.len() as u32).to_be_bytes();
+    if bytes.len() <= ONE_WRITE_MAX {
+        // One write: one yamux frame and one noise message, so the peer's connection
+        // task wakes once for the frame, not once for the length and again for the rest.
+        let mut buf = Vec::with_capacity(4 + bytes.len());
+        buf.extend_from_slice(&len);
+        buf.extend_from_slice(bytes);
+        io.write_all(&buf).await?;
+    } else {
+        io.write_all(&len).await?;
+        io.write_all(bytes).await?;
+    }
     io.flush().await
 }
 
@@ -96,6 +110,7 @@ impl request_response::Codec for SyncCodec {
         }
         let mut buf = vec![0u8; len];
         io.read_exact(&mut buf).await?;
+        crate::node::hop("rd");
         Ok(SyncRequest::Frame(buf))
     }
     async fn read_response<T: AsyncRead + Unpin + Send>(
@@ -114,7 +129,12 @@ impl request_response::Codec for SyncCodec {
         req: SyncRequest,
     ) -> io::Result<()> {
         match req {
-            SyncRequest::Frame(bytes) => write_frame(io, &bytes).await,
+            SyncRequest::Frame(bytes) => {
+                crate::node::hop("wr0");
+                let r = write_frame(io, &bytes).await;
+                crate::node::hop("wr1");
+                r
+            }
             SyncRequest::Oversized(n) => Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("frame of {n} bytes over the limit"),

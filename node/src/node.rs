@@ -183,9 +183,11 @@ pub enum Event {
         kind: Kind,
         /// Peer enterprise it came from, if remote.
         from: Option<String>,
-        /// When the change was made here (local) or applied here (remote), on the
-        /// machine's monotonic clock in ns ([`mono_ns`]): processes on one machine can
-        /// compare these, which is how `cofab bench` measures one-way latency.
+        /// For a local change, when this node began making it (before the automerge
+        /// transaction, the rule check and the signature); for a received one, when it
+        /// was applied here. On the machine's monotonic clock in ns ([`mono_ns`]):
+        /// processes on one machine can compare these, which is how `cofab bench`
+        /// measures one-way latency.
         at_ns: u64,
     },
     /// A peer connected.
@@ -647,6 +649,7 @@ impl Node {
             store_done,
             awaiting: Default::default(),
             store_failed: false,
+            answers: Vec::new(),
             next_batch: 0,
             swarm,
             replica,
@@ -709,6 +712,8 @@ struct Pending {
 
 struct EventLoop {
     swarm: Swarm<Behaviour>,
+    /// Frames taken but not yet answered: answered once their effects are committed.
+    answers: Vec<request_response::ResponseChannel<u8>>,
     replica: Replica,
     store: Arc<Store>,
     commands: mpsc::Receiver<Command>,
@@ -853,6 +858,9 @@ impl EventLoop {
                 ev = self.swarm.select_next_some() => {
                     self.swarm_event(ev);
                     self.commit();
+                    for ch in std::mem::take(&mut self.answers) {
+                        let _ = self.swarm.behaviour_mut().sync.send_response(ch, 0);
+                    }
                     self.replica.idle();
                 }
                 _ = tick.tick() => {
@@ -939,6 +947,7 @@ impl EventLoop {
                 f(&ctx);
             }
             Command::Create { f, reply } => {
+                let began = mono_ns();
                 let nonce: u64 = rand::random();
                 match f(self.replica.keypair(), now_ms(), nonce) {
                     Ok((doc, acc)) => {
@@ -954,7 +963,7 @@ impl EventLoop {
                             doc: id.to_string(),
                             kind,
                             from: None,
-                            at_ns: mono_ns(),
+                            at_ns: began,
                         });
                         self.pending.replies.push(Box::new(move |r| {
                             let _ = reply.send(r.map(|_| id));
@@ -965,28 +974,30 @@ impl EventLoop {
                     }
                 }
             }
-            Command::Edit { doc, f, reply } => match self.replica.edit(&doc, now_ms(), f) {
-                Ok((_, outs)) => {
-                    hop("edited");
-                    // No gossip announcement per edit: peers holding the document get the
-                    // change through their sync session; announcements are for new documents.
-                    if let Some(d) = self.replica.doc(&doc) {
-                        self.pending.events.push(Event::DocUpdated {
-                            doc: doc.to_string(),
-                            kind: d.genesis().kind,
-                            from: None,
-                            at_ns: mono_ns(),
-                        });
+            Command::Edit { doc, f, reply } => {
+                match (mono_ns(), self.replica.edit(&doc, now_ms(), f)) {
+                    (began, Ok((_, outs))) => {
+                        hop("edited");
+                        // No gossip announcement per edit: peers holding the document get the
+                        // change through their sync session; announcements are for new documents.
+                        if let Some(d) = self.replica.doc(&doc) {
+                            self.pending.events.push(Event::DocUpdated {
+                                doc: doc.to_string(),
+                                kind: d.genesis().kind,
+                                from: None,
+                                at_ns: began,
+                            });
+                        }
+                        self.outputs(outs);
+                        self.pending.replies.push(Box::new(move |r| {
+                            let _ = reply.send(r);
+                        }));
                     }
-                    self.outputs(outs);
-                    self.pending.replies.push(Box::new(move |r| {
-                        let _ = reply.send(r);
-                    }));
+                    (_, Err(e)) => {
+                        let _ = reply.send(Err(e.into()));
+                    }
                 }
-                Err(e) => {
-                    let _ = reply.send(Err(e.into()));
-                }
-            },
+            }
             Command::Dial { addr, reply } => {
                 let r = self
                     .swarm
@@ -1226,12 +1237,19 @@ impl EventLoop {
                 } => {
                     hop("recv");
                     // Status byte: 0 = taken, 1 = refused unread (over the size limit).
+                    // A frame taken is answered once it has been handled and its effects
+                    // committed (see `run`): the answer only frees the sender's window, and
+                    // writing it meanwhile would compete for the CPU with handling the frame.
                     let status = u8::from(matches!(request, network::SyncRequest::Oversized(_)));
-                    let _ = self
-                        .swarm
-                        .behaviour_mut()
-                        .sync
-                        .send_response(channel, status);
+                    if status == 0 {
+                        self.answers.push(channel);
+                    } else {
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .sync
+                            .send_response(channel, status);
+                    }
                     if !self
                         .peers
                         .get_mut(&peer)
