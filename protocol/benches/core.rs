@@ -349,6 +349,63 @@ fn incremental(c: &mut Criterion) {
             )
         });
     }
+    // The writer's side of the same comment: transaction, commit, the rule check of
+    // our own change, signing.
+    g.bench_function("cofab_comment_local", |bn| {
+        bn.iter_batched(
+            || src.clone(),
+            |mut d| {
+                model::comment(&mut d, &kp(3), NOW + 30_000, "ok, confirmed").unwrap();
+                d
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    // (a)'s other shape: the owner sets one design parameter that was set 520 times
+    // before (automerge-repo's bench sets `d.ping = i`), locally and on a receiver.
+    let mut design = typed_design(0);
+    for i in 0..520 {
+        model::set_parameter(&mut design, &kp(1), NOW + i, "ping", i as f64, "").unwrap();
+    }
+    let mut design_rx = Document::new(design.signed_genesis().clone());
+    design_rx.ingest(full_batch(&design)).unwrap();
+    g.bench_function("cofab_field_local", |bn| {
+        bn.iter_batched(
+            || design.clone(),
+            |mut d| {
+                model::set_parameter(&mut d, &kp(1), NOW + 9_999, "ping", 1.0, "").unwrap();
+                d
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    let mut next = design.clone();
+    let acc = model::set_parameter(&mut next, &kp(1), NOW + 9_999, "ping", 1.0, "").unwrap();
+    let field = ChangeBatch {
+        changes: acc.changes,
+        sigs: acc.sigs,
+    };
+    let field_change = Change::from_bytes(field.changes[0].clone()).unwrap();
+    g.bench_function("cofab_field_ingest_one", |bn| {
+        bn.iter_batched(
+            || (design_rx.clone(), field.clone()),
+            |(mut d, batch)| {
+                assert_eq!(d.ingest(batch).unwrap().changes.len(), 1);
+                d
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    g.bench_function("automerge_field_apply_one", |bn| {
+        bn.iter_batched(
+            || (design_rx.automerge().clone(), field_change.clone()),
+            |(mut a, ch)| {
+                a.apply_changes([ch]).unwrap();
+                a
+            },
+            BatchSize::LargeInput,
+        )
+    });
     g.bench_function("automerge_clone", |b| b.iter(|| dst.automerge().clone()));
     g.bench_function("automerge_apply_one", |b| {
         b.iter_batched(
