@@ -1600,7 +1600,8 @@ impl EventLoop {
         // frames to peers, and only then the hand-off to the store thread. Waking that
         // thread costs ≈20 µs here (a wake-up of another core), so when frames went out
         // it waits until the swarm has been polled and has passed them to libp2p's
-        // connection tasks (`flush_store`, called at the top of the next turn of `run`).
+        // connection tasks (`flush_store`: from a branch of `run`'s `select!` polled
+        // after the swarm's, and at the top of every other branch and of `shutdown`).
         // Sending before the write has even started is as safe as sending while it is in
         // flight: see README "Durability" (incarnations).
         let frames = !sends.is_empty() || !announce.is_empty();

@@ -266,6 +266,38 @@ fn initial_sync_100k(c: &mut Criterion) {
     eprintln!("replica_to_empty_replica: {msgs} messages, {total} bytes");
 }
 
+/// Times `Document::ingest` of `batch` into a copy of `rx` (one new change) as `cofab`,
+/// and plain automerge's `apply_changes` of the same change into a copy of its state as
+/// `automerge`.
+fn ingest_vs_apply(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    (cofab, automerge): (&str, &str),
+    rx: &Document,
+    batch: &ChangeBatch,
+) {
+    g.bench_function(cofab, |b| {
+        b.iter_batched(
+            || (rx.clone(), batch.clone()),
+            |(mut d, batch)| {
+                assert_eq!(d.ingest(batch).unwrap().changes.len(), 1);
+                d
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    let change = Change::from_bytes(batch.changes[0].clone()).unwrap();
+    g.bench_function(automerge, |b| {
+        b.iter_batched(
+            || (rx.automerge().clone(), change.clone()),
+            |(mut a, ch)| {
+                a.apply_changes([ch]).unwrap();
+                a
+            },
+            BatchSize::LargeInput,
+        )
+    });
+}
+
 /// One comment received into an order that already holds 520 (scenario (a)'s shape):
 /// the whole `Document::ingest`, and its parts — the copy of the automerge document that
 /// rules are checked on, and automerge applying the one change.
@@ -282,18 +314,13 @@ fn incremental(c: &mut Criterion) {
         changes: acc.changes,
         sigs: acc.sigs,
     };
-    let change = Change::from_bytes(batch.changes[0].clone()).unwrap();
     let mut g = c.benchmark_group("incremental_520");
-    g.bench_function("cofab_ingest_one", |b| {
-        b.iter_batched(
-            || (dst.clone(), batch.clone()),
-            |(mut d, batch)| {
-                assert_eq!(d.ingest(batch).unwrap().changes.len(), 1);
-                d
-            },
-            BatchSize::LargeInput,
-        )
-    });
+    ingest_vs_apply(
+        &mut g,
+        ("cofab_ingest_one", "automerge_apply_one"),
+        &dst,
+        &batch,
+    );
     // The replica's whole receive of a comment from a connected peer (session
     // bookkeeping and the reply included), as the node runs it: a first comment makes
     // the order the replica's "hot" document, `idle` copies it, and the second comment
@@ -385,38 +412,13 @@ fn incremental(c: &mut Criterion) {
         changes: acc.changes,
         sigs: acc.sigs,
     };
-    let field_change = Change::from_bytes(field.changes[0].clone()).unwrap();
-    g.bench_function("cofab_field_ingest_one", |bn| {
-        bn.iter_batched(
-            || (design_rx.clone(), field.clone()),
-            |(mut d, batch)| {
-                assert_eq!(d.ingest(batch).unwrap().changes.len(), 1);
-                d
-            },
-            BatchSize::LargeInput,
-        )
-    });
-    g.bench_function("automerge_field_apply_one", |bn| {
-        bn.iter_batched(
-            || (design_rx.automerge().clone(), field_change.clone()),
-            |(mut a, ch)| {
-                a.apply_changes([ch]).unwrap();
-                a
-            },
-            BatchSize::LargeInput,
-        )
-    });
+    ingest_vs_apply(
+        &mut g,
+        ("cofab_field_ingest_one", "automerge_field_apply_one"),
+        &design_rx,
+        &field,
+    );
     g.bench_function("automerge_clone", |b| b.iter(|| dst.automerge().clone()));
-    g.bench_function("automerge_apply_one", |b| {
-        b.iter_batched(
-            || (dst.automerge().clone(), change.clone()),
-            |(mut a, ch)| {
-                a.apply_changes([ch]).unwrap();
-                a
-            },
-            BatchSize::LargeInput,
-        )
-    });
     g.finish();
 }
 
