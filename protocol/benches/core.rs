@@ -199,6 +199,17 @@ fn pump(a: &mut Replica, b: &mut Replica, first: Vec<(usize, Output)>) -> (usize
     (msgs, bytes)
 }
 
+/// Connects two replicas both ways and delivers messages until both are quiet.
+fn connect_and_sync(a: &mut Replica, b: &mut Replica) -> (usize, usize) {
+    let _ = b.peer_connected(a.id());
+    let first = a
+        .peer_connected(b.id())
+        .into_iter()
+        .map(|o| (0, o))
+        .collect();
+    pump(a, b, first)
+}
+
 fn initial_sync_100k(c: &mut Criterion) {
     let n = 100_000;
     let src = typed_design(n - 1);
@@ -256,13 +267,7 @@ fn initial_sync_100k(c: &mut Criterion) {
     let mut a = Replica::new(kp(1));
     a.load(src.clone());
     let mut b = Replica::new(kp(2));
-    let _ = b.peer_connected(a.id());
-    let first = a
-        .peer_connected(b.id())
-        .into_iter()
-        .map(|o| (0, o))
-        .collect();
-    let (msgs, total) = pump(&mut a, &mut b, first);
+    let (msgs, total) = connect_and_sync(&mut a, &mut b);
     eprintln!("replica_to_empty_replica: {msgs} messages, {total} bytes");
 }
 
@@ -325,13 +330,7 @@ fn incremental(c: &mut Criterion) {
     // bookkeeping and the reply included), as the node runs it: a first comment makes
     // the order the replica's "hot" document, `idle` copies it, and the second comment
     // (the one timed) is checked on that copy; and the same without the copy.
-    let _ = b.peer_connected(a.id());
-    let first = a
-        .peer_connected(b.id())
-        .into_iter()
-        .map(|o| (0, o))
-        .collect();
-    pump(&mut a, &mut b, first);
+    connect_and_sync(&mut a, &mut b);
     let id = src.id();
     let to_b = |outs: Vec<Output>, b: &Replica| -> SyncMessage {
         outs.into_iter()
