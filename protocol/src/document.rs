@@ -399,17 +399,27 @@ impl Document {
     /// batches for different documents can be prepared on several threads; the result
     /// is applied with [`Self::commit_prepared`] while [`Self::is_current`] holds.
     pub fn prepare(&self, batch: &ChangeBatch) -> Prepared {
-        self.prepare_with(batch, &mut None)
+        self.prepare_with(batch, &mut None, None)
     }
 
     /// [`Self::prepare`], checking the changes on `spare` instead of a fresh copy of the
     /// document when `spare` is one (same heads): a copy made while the node was idle
     /// (see [`crate::sync::Replica::idle`]) keeps the copy off a received change's way.
     /// `spare` is taken only if the changes get applied to it; otherwise it is left.
-    pub fn prepare_with(&self, batch: &ChangeBatch, spare: &mut Option<Automerge>) -> Prepared {
+    ///
+    /// With an `offload`, a small batch's signatures (≤ [`OFFLOAD_MAX_CHANGES`] changes)
+    /// are checked there while the changes are applied and rule-checked here; the
+    /// verdict is awaited before anything is returned, and a bad signature is reported
+    /// ahead of any other refusal, exactly as without.
+    pub fn prepare_with(
+        &self,
+        batch: &ChangeBatch,
+        spare: &mut Option<Automerge>,
+        offload: Option<&dyn Offload>,
+    ) -> Prepared {
         Prepared {
             base: self.doc.get_heads(),
-            result: self.prepare_inner(batch, spare),
+            result: self.prepare_inner(batch, spare, offload),
         }
     }
 
@@ -423,6 +433,7 @@ impl Document {
         &self,
         batch: &ChangeBatch,
         spare: &mut Option<Automerge>,
+        offload: Option<&dyn Offload>,
     ) -> Result<Option<Box<Ready>>, IngestError> {
         if batch.changes.len() > MAX_CHANGES_PER_BATCH {
             return Err(IngestError::TooLarge(format!(
@@ -446,7 +457,31 @@ impl Document {
             return Ok(None);
         }
         let sigs: HashMap<ChangeHash, [u8; 64]> = batch.sigs.iter().copied().collect();
-        let (order, verified) = self.verify_fresh(&fresh, &sigs, true)?;
+        let offload = offload.filter(|_| fresh.len() <= OFFLOAD_MAX_CHANGES);
+        let (order, verified, checks) =
+            self.verify_fresh(&fresh, &sigs, true, offload.is_some())?;
+        let verdict = match (offload, checks) {
+            (Some(o), Some(checks)) => Some(o.start(checks)),
+            _ => None,
+        };
+        let applied = self.apply_checked(&fresh, &order, verified, spare);
+        // The signatures' verdict comes first: a forged change is refused as forged,
+        // whatever else is wrong with it.
+        if let Some(wait) = verdict {
+            wait()?;
+        }
+        applied
+    }
+
+    /// Applies `fresh` (in `order`) to a copy of the document and checks each change's
+    /// rules on it (the second half of [`Self::prepare`]).
+    fn apply_checked(
+        &self,
+        fresh: &[Change],
+        order: &[usize],
+        verified: Vec<(ChangeHash, [u8; 64])>,
+        spare: &mut Option<Automerge>,
+    ) -> Result<Option<Box<Ready>>, IngestError> {
         let sorted: Vec<&Change> = order.iter().map(|&i| &fresh[i]).collect();
         let mut scratch = match spare.take() {
             Some(copy) if self.is_copy(&copy) => copy,
@@ -565,7 +600,7 @@ impl Document {
             return Err(IngestError::TooLarge(format!("{} changes", metas.len())));
         }
         let sigs: HashMap<ChangeHash, [u8; 64]> = sigs.into_iter().collect();
-        let (sorted, verified) = self.verify_fresh(&metas, &sigs, false)?;
+        let (sorted, verified, _) = self.verify_fresh(&metas, &sigs, false, false)?;
         let sorted: Vec<&automerge::ChangeMetadata<'_>> =
             sorted.iter().map(|&i| &metas[i]).collect();
         if !scratch.get_missing_deps(&[]).is_empty() {
@@ -629,7 +664,8 @@ impl Document {
         fresh: &[C],
         sigs: &HashMap<ChangeHash, [u8; 64]>,
         check_deps: bool,
-    ) -> Result<(Vec<usize>, Vec<(ChangeHash, [u8; 64])>), IngestError> {
+        defer: bool,
+    ) -> Result<(Vec<usize>, Vec<(ChangeHash, [u8; 64])>, Option<SigChecks>), IngestError> {
         let doc_str = self.id().to_string();
         let mut by_author: BTreeMap<Author, Vec<usize>> = BTreeMap::new();
         // Decompressing a key costs microseconds: once per distinct enterprise, and the
@@ -719,7 +755,18 @@ impl Document {
                 }
             }
         }
-        verify_sigs(&self.id(), &to_verify)?;
+        let deferred = if defer {
+            Some(SigChecks {
+                doc: self.id(),
+                items: to_verify
+                    .iter()
+                    .map(|(a, k, h, s)| (*a, **k, *h, *s))
+                    .collect(),
+            })
+        } else {
+            verify_sigs(&self.id(), &to_verify)?;
+            None
+        };
         let sorted = if by_author.len() == 1 {
             // One author: its chain (checked above, seq by seq) is already a causal order.
             by_author.into_values().next().unwrap_or_default()
@@ -729,6 +776,7 @@ impl Document {
         Ok((
             sorted,
             to_verify.into_iter().map(|(_, _, h, s)| (h, s)).collect(),
+            deferred,
         ))
     }
 
@@ -828,6 +876,36 @@ impl Document {
 /// Checks each signature with `verify_strict` (never as an ed25519 batch: a batch can
 /// accept a crafted signature that a strict check refuses, and every peer must reach the
 /// same verdict on the same bytes — see `identity::tests`).
+/// Batches of at most this many fresh changes may have their signatures checked on an
+/// [`Offload`] while they are applied; bigger ones are verified before anything is
+/// applied (a forged big batch then costs a peer's signature checks, not our apply).
+pub const OFFLOAD_MAX_CHANGES: usize = 8;
+
+/// The signature checks of one received batch, for an [`Offload`] to run.
+pub struct SigChecks {
+    doc: DocId,
+    items: Vec<(Author, VerifyingKey, ChangeHash, [u8; 64])>,
+}
+
+impl SigChecks {
+    /// Checks every signature (`verify_strict`); the first bad one is the error.
+    pub fn run(&self) -> Result<(), IngestError> {
+        let refs: Vec<(Author, &VerifyingKey, ChangeHash, [u8; 64])> = self
+            .items
+            .iter()
+            .map(|(a, k, h, s)| (*a, k, *h, *s))
+            .collect();
+        verify_sigs(&self.doc, &refs)
+    }
+}
+
+/// Somewhere else to run a received batch's signature checks while the batch is applied
+/// (the IO shell supplies a thread; this crate starts no threads).
+pub trait Offload: Send + Sync {
+    /// Starts `checks`; the returned function waits for their verdict.
+    fn start(&self, checks: SigChecks) -> Box<dyn FnOnce() -> Result<(), IngestError> + '_>;
+}
+
 fn verify_sigs(
     doc: &DocId,
     items: &[(Author, &VerifyingKey, ChangeHash, [u8; 64])],

@@ -23,7 +23,7 @@ use automerge::Automerge;
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::doc::{DocId, Kind, SignedGenesis};
-use crate::document::{Accepted, Clock, Document, Prepared};
+use crate::document::{Accepted, Clock, Document, Offload, Prepared};
 use crate::error::{EditError, GenesisError, IngestError};
 use crate::identity::{EnterpriseId, Keypair};
 use crate::wire::{Payload, SyncMessage};
@@ -206,6 +206,8 @@ pub struct Replica {
     spare: Option<(DocId, Automerge)>,
     /// Replaced automerge states, freed in [`Self::idle`].
     retired: Vec<Automerge>,
+    /// Where small received batches have their signatures checked meanwhile.
+    offload: Option<std::sync::Arc<dyn Offload>>,
 }
 
 /// Replaced states kept for [`Replica::idle`] at most; beyond, they are freed at once.
@@ -248,7 +250,14 @@ impl Replica {
             hot: None,
             spare: None,
             retired: Vec::new(),
+            offload: None,
         }
+    }
+
+    /// Checks the signatures of small received batches on `offload` while they are
+    /// applied (see [`Document::prepare_with`]).
+    pub fn set_offload(&mut self, offload: std::sync::Arc<dyn Offload>) {
+        self.offload = Some(offload);
     }
 
     /// Work kept off a received change's way, for the caller to run once it has
@@ -605,7 +614,7 @@ impl Replica {
                                 None
                             }
                         };
-                        let p = doc.prepare_with(&batch, &mut spare);
+                        let p = doc.prepare_with(&batch, &mut spare, self.offload.as_deref());
                         if let Some(copy) = spare {
                             self.spare = Some((id, copy));
                         }

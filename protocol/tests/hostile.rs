@@ -380,6 +380,77 @@ fn refused_change_on_the_idle_copy_spoils_nothing() {
     assert_eq!(price, Some(Value::from(6.0)));
 }
 
+/// Runs each batch's signature checks on a thread of its own (as the node's offload does
+/// on a standing thread).
+struct ThreadOffload;
+
+impl cofab_protocol::document::Offload for ThreadOffload {
+    fn start(
+        &self,
+        checks: cofab_protocol::document::SigChecks,
+    ) -> Box<dyn FnOnce() -> Result<(), IngestError> + '_> {
+        let t = std::thread::spawn(move || checks.run());
+        Box::new(move || t.join().expect("check thread"))
+    }
+}
+
+/// With the signatures checked on another thread while the change is applied, a forged
+/// signature is still refused as forged — also when the change breaks a rule as well
+/// (the forgery is reported first, as without the offload) — and nothing is kept; an
+/// honest change is accepted.
+#[test]
+fn offloaded_signature_checks_refuse_forgeries_first() {
+    let w = world(Visibility::Public);
+    let id = w.order.id();
+    let s2 = w.s2.id().to_string();
+    let with_offload = |peer: &Keypair| {
+        let mut rx = receiver_with(&w.receiver, &w.order, peer);
+        rx.set_offload(std::sync::Arc::new(ThreadOffload));
+        rx
+    };
+    // Breaks a rule (writes into s2's bid) and is signed with another key.
+    let bad = craft(&w.order, w.s1.author().actor(), &id.to_string(), |tx| {
+        let bids = map(tx, &ROOT, "bids");
+        let bid = map(tx, &bids, &s2);
+        tx.put(&bid, "unit_price", 999.0).unwrap();
+    });
+    let mut rx = with_offload(&w.s1);
+    let err = rejected(&mut rx, &w.s1, id, signed(&bad, &w.s2, &id));
+    assert!(matches!(err, IngestError::BadSignature { .. }), "{err:?}");
+    // Signed correctly, the same change is refused for the rule it breaks.
+    let mut rx = with_offload(&w.s1);
+    let err = rejected(&mut rx, &w.s1, id, signed(&bad, &w.s1, &id));
+    assert_eq!(*rule_of(&err), Rule::OwnBidOnly, "{err:?}");
+    // An honest comment, forged and then properly signed.
+    let mut theirs = w.order.clone();
+    let acc = model::comment(&mut theirs, &w.s2, NOW, "hello").unwrap();
+    let mut forged = ChangeBatch {
+        changes: acc.changes.clone(),
+        sigs: acc.sigs.clone(),
+    };
+    forged.sigs[0].1[0] ^= 1;
+    let mut rx = with_offload(&w.s2);
+    let err = rejected(&mut rx, &w.s2, id, forged);
+    assert!(matches!(err, IngestError::BadSignature { .. }), "{err:?}");
+    let mut rx = with_offload(&w.s2);
+    let outs = rx.receive(
+        w.s2.id(),
+        changes_msg(
+            id,
+            ChangeBatch {
+                changes: acc.changes,
+                sigs: acc.sigs,
+            },
+        ),
+        NOW,
+    );
+    assert!(
+        outs.iter().any(|o| matches!(o, Output::Updated { .. })),
+        "{outs:?}"
+    );
+    assert_eq!(rx.doc(&id).unwrap().heads(), theirs.heads());
+}
+
 /// The buyer moving the status from open straight to shipped is refused.
 #[test]
 fn status_skipping_a_step_is_refused() {
