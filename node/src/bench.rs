@@ -350,13 +350,13 @@ fn doc_events(
     rx
 }
 
-/// (a) across processes: two `cofab run` processes; the bench posts one comment at a time
+/// (a) across processes: two `cofab run` processes; the bench posts one change at a time
 /// to A over HTTP and waits until B reports it applied. Both nodes stamp their events
 /// with the machine's monotonic clock, so one-way times are read without clock skew:
-/// from the HTTP request leaving the bench, and from A's edit, to B having applied it.
-/// (a) across processes, in two shapes: one field set again and again (automerge-repo's
-/// shape: its bench sets `d.ping = i`; here a design parameter `ping`), then a comment
-/// appended to an order's discussion (a list that grows to 520 comments).
+/// from the HTTP request leaving the bench, and from A beginning the edit, to B having
+/// applied it. Two shapes: one field set again and again (automerge-repo's shape: its
+/// bench sets `d.ping = i`; here a design parameter `ping`), then a comment appended to
+/// an order's discussion (a list that grows to `n` + 20 comments).
 pub async fn latency_processes(n: usize) -> Vec<Value> {
     match latency_processes_inner(n).await {
         Ok(v) => v,
@@ -368,50 +368,36 @@ async fn latency_processes_inner(n: usize) -> Result<Vec<Value>, String> {
     let (a, a_p2p) = spawn_node("A", None).await?;
     let (b, _) = spawn_node("B", Some(a_p2p)).await?;
     let http = reqwest::Client::new();
-    let create = |path: &'static str, body: Value| {
-        let req = http
-            .post(format!("{}/api/v1/{path}", a.api))
-            .bearer_auth(&a.token)
-            .json(&body);
-        async move {
-            let v: Value = req
-                .send()
-                .await
-                .map_err(|e| e.to_string())?
-                .json()
-                .await
-                .map_err(|e| e.to_string())?;
-            v["id"]
-                .as_str()
-                .map(str::to_string)
-                .ok_or_else(|| format!("no id in {v}"))
-        }
+    let api_a = crate::client::Client::new(&a.api, &a.token);
+    let api_b = crate::client::Client::new(&b.api, &b.token);
+    let id_of = |v: Value| {
+        v["id"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| format!("no id in {v}"))
     };
-    let design = create(
-        "designs",
-        json!({ "title": "latency", "visibility": "public" }),
-    )
-    .await?;
-    let order = create(
-        "orders",
-        json!({ "title": "latency", "quantity": 1, "visibility": "public" }),
-    )
-    .await?;
+    let design = id_of(
+        api_a
+            .post(
+                "/api/v1/designs",
+                &json!({ "title": "latency", "visibility": "public" }),
+            )
+            .await?,
+    )?;
+    let order = id_of(
+        api_a
+            .post(
+                "/api/v1/orders",
+                &json!({ "title": "latency", "quantity": 1, "visibility": "public" }),
+            )
+            .await?,
+    )?;
     let mut a_ev = doc_events(&a.api, &a.token);
     let mut b_ev = doc_events(&b.api, &b.token);
     // Wait until B holds both (it connects by --bootstrap, then syncs).
     let t = Instant::now();
     for path in [format!("designs/{design}"), format!("orders/{order}")] {
-        loop {
-            let r = http
-                .get(format!("{}/api/v1/{path}", b.api))
-                .bearer_auth(&b.token)
-                .send()
-                .await
-                .map_err(|e| e.to_string())?;
-            if r.status().is_success() {
-                break;
-            }
+        while api_b.get(&format!("/api/v1/{path}")).await.is_err() {
             if t.elapsed() > Duration::from_secs(30) {
                 return Err(format!("B never received {path}"));
             }
@@ -419,27 +405,27 @@ async fn latency_processes_inner(n: usize) -> Result<Vec<Value>, String> {
         }
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let shapes: [(&str, String, &str); 2] = [
+    type Body = fn(usize) -> Value;
+    let shapes: [(&str, String, &str, Body); 2] = [
         (
             "field",
             format!("{}/api/v1/designs/{design}/parameters", a.api),
             design.as_str(),
+            |i| json!({ "name": "ping", "value": i as f64 }),
         ),
         (
             "comment",
             format!("{}/api/v1/orders/{order}/discussion", a.api),
             order.as_str(),
+            |i| json!({ "text": format!("c{i}") }),
         ),
     ];
     let mut out = Vec::new();
-    for (shape, url, id) in shapes {
+    for (shape, url, id, body) in shapes {
         while a_ev.try_recv().is_ok() || b_ev.try_recv().is_ok() {}
         let (mut from_request, mut from_edit, mut ack) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..n + 20 {
-            let body = match shape {
-                "field" => json!({ "name": "ping", "value": i as f64 }),
-                _ => json!({ "text": format!("c{i}") }),
-            };
+            let body = body(i);
             let t0 = crate::node::mono_ns();
             crate::node::hop("t0");
             let r = http

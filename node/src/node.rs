@@ -702,7 +702,7 @@ impl Node {
             awaiting: Default::default(),
             store_failed: false,
             answers: Vec::new(),
-            to_store: Vec::new(),
+            to_store: None,
             next_batch: 0,
             swarm,
             replica,
@@ -766,8 +766,8 @@ struct EventLoop {
     swarm: Swarm<Behaviour>,
     /// Frames taken but not yet answered: answered once their effects are committed.
     answers: Vec<request_response::ResponseChannel<u8>>,
-    /// Groups committed but not yet handed to the store thread (see [`Self::flush_store`]).
-    to_store: Vec<(u64, Vec<Write>)>,
+    /// The group committed but not yet handed to the store thread (see `commit`).
+    to_store: Option<(u64, Vec<Write>)>,
     replica: Replica,
     store: Arc<Store>,
     commands: mpsc::Receiver<Command>,
@@ -841,20 +841,11 @@ impl cofab_protocol::document::Offload for SigThread {
         checks: cofab_protocol::document::SigChecks,
     ) -> Box<dyn FnOnce() -> Result<(), cofab_protocol::IngestError> + '_> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        match self.jobs.send((checks, tx)) {
-            Ok(()) => Box::new(move || {
-                rx.recv().unwrap_or_else(|_| {
-                    Err(cofab_protocol::IngestError::Apply(
-                        "the signature check thread stopped".into(),
-                    ))
-                })
-            }),
-            // The thread is gone: check here.
-            Err(std::sync::mpsc::SendError((checks, _))) => {
-                let verdict = checks.run();
-                Box::new(move || verdict)
-            }
-        }
+        // Kept to check here if the thread is gone (it never panics on its own: a bad
+        // signature is a verdict, not an error).
+        let here = checks.clone();
+        let _ = self.jobs.send((checks, tx));
+        Box::new(move || rx.recv().unwrap_or_else(|_| here.run()))
     }
 }
 
@@ -937,8 +928,7 @@ impl EventLoop {
                             Err(_) => break,
                         }
                     }
-                    self.commit();
-                    self.replica.idle();
+                    self.end_turn();
                     if let Some(reply) = stop {
                         self.shutdown().await;
                         let _ = reply.send(());
@@ -964,18 +954,13 @@ impl EventLoop {
                 ev = self.swarm.select_next_some() => {
                     self.flush_store();
                     self.swarm_event(ev);
-                    self.commit();
-                    for ch in std::mem::take(&mut self.answers) {
-                        let _ = self.swarm.behaviour_mut().sync.send_response(ch, 0);
-                    }
-                    self.replica.idle();
+                    self.end_turn();
                 }
                 _ = tick.tick() => {
                     self.flush_store();
                     let outs = self.replica.tick();
                     self.outputs(outs);
-                    self.commit();
-                    self.replica.idle();
+                    self.end_turn();
                 }
                 _ = kad_tick.tick() => {
                     if self.has_bootstrap {
@@ -984,12 +969,22 @@ impl EventLoop {
                 }
                 // Polled last: the swarm (above) has been polled since `commit` queued
                 // frames, so they are on their way; now the store thread may be woken.
-                _ = std::future::ready(()), if !self.to_store.is_empty() => {
+                _ = std::future::ready(()), if self.to_store.is_some() => {
                     self.flush_store();
                 }
             }
         }
         self.shutdown().await;
+    }
+
+    /// Ends a turn of the loop: commits its effects, answers the frames it took, and
+    /// does the replica's deferred work ([`Replica::idle`]) once all that is under way.
+    fn end_turn(&mut self) {
+        self.commit();
+        for ch in std::mem::take(&mut self.answers) {
+            let _ = self.swarm.behaviour_mut().sync.send_response(ch, 0);
+        }
+        self.replica.idle();
     }
 
     async fn shutdown(&mut self) {
@@ -1089,8 +1084,9 @@ impl EventLoop {
                 }
             }
             Command::Edit { doc, f, reply } => {
-                match (mono_ns(), self.replica.edit(&doc, now_ms(), f)) {
-                    (began, Ok((_, outs))) => {
+                let began = mono_ns();
+                match self.replica.edit(&doc, now_ms(), f) {
+                    Ok((_, outs)) => {
                         hop("edited");
                         // No gossip announcement per edit: peers holding the document get the
                         // change through their sync session; announcements are for new documents.
@@ -1107,7 +1103,7 @@ impl EventLoop {
                             let _ = reply.send(r);
                         }));
                     }
-                    (_, Err(e)) => {
+                    Err(e) => {
                         let _ = reply.send(Err(e.into()));
                     }
                 }
@@ -1664,28 +1660,24 @@ impl EventLoop {
             self.release(pending, Ok(()));
         }
         self.dispatch(sends, announce);
-        self.to_store.push((id, writes));
+        self.flush_store();
+        self.to_store = Some((id, writes));
         if !frames {
             self.flush_store();
         }
     }
 
-    /// Hands the groups `commit` queued to the store thread, as one group (the thread
-    /// merges what is queued anyway). If it is gone, nothing waiting can become durable.
+    /// Hands the group `commit` left to the store thread. If the thread is gone, nothing
+    /// waiting can become durable.
     fn flush_store(&mut self) {
-        let mut groups = std::mem::take(&mut self.to_store).into_iter();
-        let Some((mut last, mut writes)) = groups.next() else {
+        let Some(group) = self.to_store.take() else {
             return;
         };
-        for (id, more) in groups {
-            last = id;
-            writes.extend(more);
-        }
         hop("commit");
         if self
             .store_tx
             .as_ref()
-            .is_none_or(|tx| tx.send((last, writes)).is_err())
+            .is_none_or(|tx| tx.send(group).is_err())
         {
             tracing::error!("store thread stopped; writes not handed over");
             self.store_failed = true;

@@ -457,12 +457,14 @@ impl Document {
             return Ok(None);
         }
         let sigs: HashMap<ChangeHash, [u8; 64]> = batch.sigs.iter().copied().collect();
-        let offload = offload.filter(|_| fresh.len() <= OFFLOAD_MAX_CHANGES);
-        let (order, verified, checks) =
-            self.verify_fresh(&fresh, &sigs, true, offload.is_some())?;
-        let verdict = match (offload, checks) {
-            (Some(o), Some(checks)) => Some(o.start(checks)),
-            _ => None,
+        let (order, checks) = self.verify_fresh(&fresh, &sigs, true)?;
+        let verified = checks.signatures();
+        let verdict = match offload.filter(|_| fresh.len() <= OFFLOAD_MAX_CHANGES) {
+            Some(o) => Some(o.start(checks)),
+            None => {
+                checks.run()?;
+                None
+            }
         };
         let applied = self.apply_checked(&fresh, &order, verified, spare);
         // The signatures' verdict comes first: a forged change is refused as forged,
@@ -600,7 +602,9 @@ impl Document {
             return Err(IngestError::TooLarge(format!("{} changes", metas.len())));
         }
         let sigs: HashMap<ChangeHash, [u8; 64]> = sigs.into_iter().collect();
-        let (sorted, verified, _) = self.verify_fresh(&metas, &sigs, false, false)?;
+        let (sorted, checks) = self.verify_fresh(&metas, &sigs, false)?;
+        checks.run()?;
+        let verified = checks.signatures();
         let sorted: Vec<&automerge::ChangeMetadata<'_>> =
             sorted.iter().map(|&i| &metas[i]).collect();
         if !scratch.get_missing_deps(&[]).is_empty() {
@@ -664,8 +668,7 @@ impl Document {
         fresh: &[C],
         sigs: &HashMap<ChangeHash, [u8; 64]>,
         check_deps: bool,
-        defer: bool,
-    ) -> Result<(Vec<usize>, Vec<(ChangeHash, [u8; 64])>, Option<SigChecks>), IngestError> {
+    ) -> Result<(Vec<usize>, SigChecks), IngestError> {
         let doc_str = self.id().to_string();
         let mut by_author: BTreeMap<Author, Vec<usize>> = BTreeMap::new();
         // Decompressing a key costs microseconds: once per distinct enterprise, and the
@@ -707,7 +710,7 @@ impl Document {
                 return Err(IngestError::MissingDeps(missing));
             }
         }
-        let mut to_verify: Vec<(Author, &VerifyingKey, ChangeHash, [u8; 64])> = Vec::new();
+        let mut to_verify: Vec<(Author, VerifyingKey, ChangeHash, [u8; 64])> = Vec::new();
         for (author, idxs) in by_author.iter_mut() {
             idxs.sort_by_key(|i| fresh[*i].seq());
             let chain = self.chains.get(author);
@@ -742,7 +745,7 @@ impl Document {
                 let is_tip = k + 1 == idxs.len();
                 match sigs.get(&c.hash()) {
                     Some(s) if is_tip || c.seq().is_multiple_of(CHECKPOINT) => {
-                        to_verify.push((*author, &keys[&author.enterprise], c.hash(), *s))
+                        to_verify.push((*author, keys[&author.enterprise], c.hash(), *s))
                     }
                     Some(_) => {}
                     None if is_tip => {
@@ -755,29 +758,17 @@ impl Document {
                 }
             }
         }
-        let deferred = if defer {
-            Some(SigChecks {
-                doc: self.id(),
-                items: to_verify
-                    .iter()
-                    .map(|(a, k, h, s)| (*a, **k, *h, *s))
-                    .collect(),
-            })
-        } else {
-            verify_sigs(&self.id(), &to_verify)?;
-            None
-        };
         let sorted = if by_author.len() == 1 {
             // One author: its chain (checked above, seq by seq) is already a causal order.
             by_author.into_values().next().unwrap_or_default()
         } else {
             topo_sort(fresh)
         };
-        Ok((
-            sorted,
-            to_verify.into_iter().map(|(_, _, h, s)| (h, s)).collect(),
-            deferred,
-        ))
+        let checks = SigChecks {
+            doc: self.id(),
+            items: to_verify,
+        };
+        Ok((sorted, checks))
     }
 
     /// The changes a peer holding `their` lacks, as one chunk of at most about
@@ -873,29 +864,44 @@ impl Document {
     }
 }
 
-/// Checks each signature with `verify_strict` (never as an ed25519 batch: a batch can
-/// accept a crafted signature that a strict check refuses, and every peer must reach the
-/// same verdict on the same bytes — see `identity::tests`).
 /// Batches of at most this many fresh changes may have their signatures checked on an
 /// [`Offload`] while they are applied; bigger ones are verified before anything is
 /// applied (a forged big batch then costs a peer's signature checks, not our apply).
 pub const OFFLOAD_MAX_CHANGES: usize = 8;
 
-/// The signature checks of one received batch, for an [`Offload`] to run.
+/// The signature checks of one received batch (the chain tips and checkpoints whose
+/// signatures cover the batch), run here or on an [`Offload`].
+#[derive(Clone)]
 pub struct SigChecks {
     doc: DocId,
     items: Vec<(Author, VerifyingKey, ChangeHash, [u8; 64])>,
 }
 
 impl SigChecks {
-    /// Checks every signature (`verify_strict`); the first bad one is the error.
+    /// Checks each signature with `verify_strict` (never as an ed25519 batch: a batch
+    /// can accept a crafted signature that a strict check refuses, and every peer must
+    /// reach the same verdict on the same bytes — see `identity::tests`); the first bad
+    /// one is the error.
     pub fn run(&self) -> Result<(), IngestError> {
-        let refs: Vec<(Author, &VerifyingKey, ChangeHash, [u8; 64])> = self
-            .items
-            .iter()
-            .map(|(a, k, h, s)| (*a, k, *h, *s))
-            .collect();
-        verify_sigs(&self.doc, &refs)
+        for (a, key, h, s) in &self.items {
+            if !crate::identity::verify_change_with(
+                key,
+                &self.doc,
+                h,
+                &ed25519_dalek::Signature::from_bytes(s),
+            ) {
+                return Err(IngestError::BadSignature {
+                    author: *a,
+                    hash: h.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The signatures checked, to keep once the batch is accepted.
+    fn signatures(&self) -> Vec<(ChangeHash, [u8; 64])> {
+        self.items.iter().map(|(_, _, h, s)| (*h, *s)).collect()
     }
 }
 
@@ -904,26 +910,6 @@ impl SigChecks {
 pub trait Offload: Send + Sync {
     /// Starts `checks`; the returned function waits for their verdict.
     fn start(&self, checks: SigChecks) -> Box<dyn FnOnce() -> Result<(), IngestError> + '_>;
-}
-
-fn verify_sigs(
-    doc: &DocId,
-    items: &[(Author, &VerifyingKey, ChangeHash, [u8; 64])],
-) -> Result<(), IngestError> {
-    for (a, key, h, s) in items {
-        if !crate::identity::verify_change_with(
-            key,
-            doc,
-            h,
-            &ed25519_dalek::Signature::from_bytes(s),
-        ) {
-            return Err(IngestError::BadSignature {
-                author: *a,
-                hash: h.to_string(),
-            });
-        }
-    }
-    Ok(())
 }
 
 /// The indices of `changes` in an order where every change follows its deps (ties broken

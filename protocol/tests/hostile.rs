@@ -114,6 +114,14 @@ fn receiver_with(me: &Keypair, doc: &Document, peer: &Keypair) -> Replica {
     r
 }
 
+/// What a local edit produced, as the batch a peer is sent.
+fn batch_of(acc: cofab_protocol::Accepted) -> ChangeBatch {
+    ChangeBatch {
+        changes: acc.changes,
+        sigs: acc.sigs,
+    }
+}
+
 fn changes_msg(doc: DocId, batch: ChangeBatch) -> SyncMessage {
     SyncMessage {
         doc,
@@ -329,15 +337,11 @@ fn refused_change_on_the_idle_copy_spoils_nothing() {
     let id = w.order.id();
     let mut rx = receiver_with(&w.receiver, &w.order, &w.s1);
     let _ = rx.peer_connected(w.s2.id());
-    let batch = |acc: cofab_protocol::Accepted| ChangeBatch {
-        changes: acc.changes,
-        sigs: acc.sigs,
-    };
     // s2's comment makes the order the receiver's most recently changed document; idle
     // copies it.
     let mut theirs = w.order.clone();
     let acc = model::comment(&mut theirs, &w.s2, NOW, "first").unwrap();
-    let outs = rx.receive(w.s2.id(), changes_msg(id, batch(acc)), NOW);
+    let outs = rx.receive(w.s2.id(), changes_msg(id, batch_of(acc)), NOW);
     assert!(
         outs.iter().any(|o| matches!(o, Output::Updated { .. })),
         "{outs:?}"
@@ -356,7 +360,7 @@ fn refused_change_on_the_idle_copy_spoils_nothing() {
     rx.idle();
     // s2's next comment is accepted, and the receiver holds exactly what s2 holds.
     let acc = model::comment(&mut theirs, &w.s2, NOW + 1, "second").unwrap();
-    let outs = rx.receive(w.s2.id(), changes_msg(id, batch(acc)), NOW);
+    let outs = rx.receive(w.s2.id(), changes_msg(id, batch_of(acc)), NOW);
     assert!(
         outs.iter().any(|o| matches!(o, Output::Updated { .. })),
         "{outs:?}"
@@ -424,26 +428,14 @@ fn offloaded_signature_checks_refuse_forgeries_first() {
     // An honest comment, forged and then properly signed.
     let mut theirs = w.order.clone();
     let acc = model::comment(&mut theirs, &w.s2, NOW, "hello").unwrap();
-    let mut forged = ChangeBatch {
-        changes: acc.changes.clone(),
-        sigs: acc.sigs.clone(),
-    };
+    let honest = batch_of(acc);
+    let mut forged = honest.clone();
     forged.sigs[0].1[0] ^= 1;
     let mut rx = with_offload(&w.s2);
     let err = rejected(&mut rx, &w.s2, id, forged);
     assert!(matches!(err, IngestError::BadSignature { .. }), "{err:?}");
     let mut rx = with_offload(&w.s2);
-    let outs = rx.receive(
-        w.s2.id(),
-        changes_msg(
-            id,
-            ChangeBatch {
-                changes: acc.changes,
-                sigs: acc.sigs,
-            },
-        ),
-        NOW,
-    );
+    let outs = rx.receive(w.s2.id(), changes_msg(id, honest), NOW);
     assert!(
         outs.iter().any(|o| matches!(o, Output::Updated { .. })),
         "{outs:?}"
