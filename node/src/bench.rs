@@ -357,14 +357,98 @@ fn doc_events(
 /// applied it. Two shapes: one field set again and again (automerge-repo's shape: its
 /// bench sets `d.ping = i`; here a design parameter `ping`), then a comment appended to
 /// an order's discussion (a list that grows to `n` + 20 comments).
-pub async fn latency_processes(n: usize) -> Vec<Value> {
-    match latency_processes_inner(n).await {
+/// automerge-repo's bench waits this long after each echo before its next change (its
+/// sync is throttled to one message per 100 ms per document); (a)'s like-for-like run
+/// waits as long before each change.
+pub const ANCHOR_GAP_MS: u64 = 250;
+
+pub async fn latency_processes(n: usize, gapped: usize) -> Vec<Value> {
+    match latency_processes_inner(n, gapped).await {
         Ok(v) => v,
         Err(e) => vec![json!({ "scenario": "a", "mode": "processes", "error": e })],
     }
 }
 
-async fn latency_processes_inner(n: usize) -> Result<Vec<Value>, String> {
+/// The floor under (a) on this machine: round trips of 64 bytes over TCP on 127.0.0.1
+/// between this process and a `cofab bench-echo` process (blocking sockets, no framework),
+/// back to back and `gap_ms` apart — automerge-repo's bench measures the same over a bare
+/// websocket with its 250 ms gap (`raw_ws_rtt_p50_ms`).
+pub async fn echo_calibration(n: usize, gap_ms: u64) -> Value {
+    let run = move || -> Result<Value, String> {
+        use std::io::{BufRead, Read, Write};
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let mut child = std::process::Command::new(exe)
+            .arg("bench-echo")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let result = (|| {
+            let mut line = String::new();
+            let out = child.stdout.take().ok_or("no stdout")?;
+            std::io::BufReader::new(out)
+                .read_line(&mut line)
+                .map_err(|e| e.to_string())?;
+            let port: u16 = line.trim().parse().map_err(|_| format!("port? {line:?}"))?;
+            let mut s =
+                std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+            s.set_nodelay(true).map_err(|e| e.to_string())?;
+            let (msg, mut back) = ([7u8; 64], [0u8; 64]);
+            let mut rtt = Vec::with_capacity(n);
+            for i in 0..n + 10 {
+                if gap_ms > 0 {
+                    std::thread::sleep(Duration::from_millis(gap_ms));
+                }
+                let t = Instant::now();
+                s.write_all(&msg).map_err(|e| e.to_string())?;
+                s.read_exact(&mut back).map_err(|e| e.to_string())?;
+                if i >= 10 {
+                    rtt.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            rtt.sort_by(|x, y| x.total_cmp(y));
+            Ok(json!({
+                "scenario": "a",
+                "mode": "calibration",
+                "what": "tcp echo round trip between two processes",
+                "gap_ms": gap_ms,
+                "round_trips": n,
+                "rtt_p50_ms": percentile(&rtt, 0.5),
+                "rtt_p99_ms": percentile(&rtt, 0.99),
+            }))
+        })();
+        let _ = child.kill();
+        let _ = child.wait();
+        result
+    };
+    match tokio::task::spawn_blocking(run).await {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => json!({ "scenario": "a", "mode": "calibration", "error": e }),
+        Err(e) => json!({ "scenario": "a", "mode": "calibration", "error": e.to_string() }),
+    }
+}
+
+/// `cofab bench-echo`: prints the port it listens on (127.0.0.1), then echoes one
+/// connection's bytes until it closes.
+pub fn echo_server() -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    println!("{}", l.local_addr()?.port());
+    std::io::stdout().flush()?;
+    let (mut s, _) = l.accept()?;
+    s.set_nodelay(true)?;
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        s.write_all(&buf[..n])?;
+    }
+}
+
+/// (a) across two `cofab run` processes: `n` changes back to back in each shape, then
+/// `gapped` changes of the field shape with [`ANCHOR_GAP_MS`] before each.
+async fn latency_processes_inner(n: usize, gapped: usize) -> Result<Vec<Value>, String> {
     let (a, a_p2p) = spawn_node("A", None).await?;
     let (b, _) = spawn_node("B", Some(a_p2p)).await?;
     let http = reqwest::Client::new();
@@ -406,25 +490,36 @@ async fn latency_processes_inner(n: usize) -> Result<Vec<Value>, String> {
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     type Body = fn(usize) -> Value;
-    let shapes: [(&str, String, &str, Body); 2] = [
-        (
-            "field",
-            format!("{}/api/v1/designs/{design}/parameters", a.api),
-            design.as_str(),
-            |i| json!({ "name": "ping", "value": i as f64 }),
-        ),
+    let field: Body = |i| json!({ "name": "ping", "value": i as f64 });
+    let field_url = format!("{}/api/v1/designs/{design}/parameters", a.api);
+    // (shape, url, document, body, changes, pause before each)
+    let shapes: [(&str, String, &str, Body, usize, u64); 3] = [
+        ("field", field_url.clone(), design.as_str(), field, n, 0),
         (
             "comment",
             format!("{}/api/v1/orders/{order}/discussion", a.api),
             order.as_str(),
             |i| json!({ "text": format!("c{i}") }),
+            n,
+            0,
+        ),
+        (
+            "field",
+            field_url,
+            design.as_str(),
+            field,
+            gapped,
+            ANCHOR_GAP_MS,
         ),
     ];
     let mut out = Vec::new();
-    for (shape, url, id, body) in shapes {
+    for (shape, url, id, body, n, gap_ms) in shapes {
         while a_ev.try_recv().is_ok() || b_ev.try_recv().is_ok() {}
         let (mut from_request, mut from_edit, mut ack) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..n + 20 {
+            if gap_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(gap_ms)).await;
+            }
             let body = body(i);
             let t0 = crate::node::mono_ns();
             crate::node::hop("t0");
@@ -455,6 +550,7 @@ async fn latency_processes_inner(n: usize) -> Result<Vec<Value>, String> {
             "mode": "processes",
             "shape": shape,
             "changes": n,
+            "gap_ms": gap_ms,
             "p50_ms": percentile(&from_request, 0.5),
             "p99_ms": percentile(&from_request, 0.99),
             "from_edit_p50_ms": percentile(&from_edit, 0.5),
@@ -839,7 +935,11 @@ pub async fn run(scenarios: &str, quick: bool) -> Vec<Value> {
     let mut out = Vec::new();
     let has = |c: char| scenarios.contains(c);
     if has('a') {
-        out.extend(latency_processes(if quick { 100 } else { 500 }).await);
+        out.push(echo_calibration(if quick { 100 } else { 500 }, 0).await);
+        out.push(echo_calibration(if quick { 30 } else { 100 }, ANCHOR_GAP_MS).await);
+        out.extend(
+            latency_processes(if quick { 100 } else { 500 }, if quick { 100 } else { 500 }).await,
+        );
         out.push(latency(if quick { 100 } else { 500 }).await);
     }
     if has('b') {
@@ -908,8 +1008,15 @@ pub fn compare(cofab: &[Value], am_repo: &Value) -> Vec<Comparison> {
             .and_then(|r| r[key].as_f64())
     };
     let any = |_: &Value| true;
-    // automerge-repo's (a) sets one field again and again: compare the same shape.
-    let processes = |r: &Value| r["mode"] == "processes" && r["shape"] == "field";
+    // automerge-repo's (a) sets one field again and again, 250 ms apart: compare the same
+    // shape and pacing; back to back is shown too, marked as such.
+    let gapped = |r: &Value| {
+        r["mode"] == "processes" && r["shape"] == "field" && r["gap_ms"].as_u64() > Some(0)
+    };
+    let back_to_back = |r: &Value| {
+        r["mode"] == "processes" && r["shape"] == "field" && r["gap_ms"].as_u64() == Some(0)
+    };
+    let echo_gapped = |r: &Value| r["mode"] == "calibration" && r["gap_ms"].as_u64() > Some(0);
     // The large-design size automerge-repo ran (50,000, or 5,000 with --quick).
     let chars = am_repo["params"]["cChars"].as_u64().unwrap_or(50_000);
     let same_chars = move |r: &Value| r["chars"].as_u64() == Some(chars);
@@ -922,15 +1029,33 @@ pub fn compare(cofab: &[Value], am_repo: &Value) -> Vec<Comparison> {
     }
     let rows: Vec<(&str, Option<f64>, Option<f64>, Better)> = vec![
         (
-            "(a) one-way p50 ms, separate processes, from the client's request (one field set)",
-            find("a", "p50_ms", &processes),
+            "(a) one-way p50 ms, one field set 250 ms apart, from A's edit (theirs: from change())",
+            find("a", "from_edit_p50_ms", &gapped),
             am_f("a_c2s_p50_ms"),
             Better::Lower,
         ),
         (
             "(a) one-way p99 ms, same",
-            find("a", "p99_ms", &processes),
+            find("a", "from_edit_p99_ms", &gapped),
             am_f("a_c2s_p99_ms"),
+            Better::Lower,
+        ),
+        (
+            "(a) one-way p50 ms, same, from the client's HTTP request to A",
+            find("a", "p50_ms", &gapped),
+            am_f("a_c2s_p50_ms"),
+            Better::Lower,
+        ),
+        (
+            "(a) one-way p50 ms, ours back to back, from the request (theirs 250 ms apart)",
+            find("a", "p50_ms", &back_to_back),
+            am_f("a_c2s_p50_ms"),
+            Better::Lower,
+        ),
+        (
+            "(a) floor: bare echo round trip p50 ms, 250 ms apart (ours TCP, theirs websocket)",
+            find("a", "rtt_p50_ms", &echo_gapped),
+            am_f("raw_ws_rtt_p50_ms"),
             Better::Lower,
         ),
         (
@@ -996,8 +1121,11 @@ mod tests {
     #[test]
     fn compare_lines_up_the_same_scenarios_and_orients_ratios() {
         let cofab = vec![
-            json!({ "scenario": "a", "mode": "processes", "shape": "comment", "p50_ms": 7.0, "p99_ms": 7.0 }),
-            json!({ "scenario": "a", "mode": "processes", "shape": "field", "p50_ms": 1.0, "p99_ms": 2.0 }),
+            json!({ "scenario": "a", "mode": "calibration", "gap_ms": 0, "rtt_p50_ms": 0.1 }),
+            json!({ "scenario": "a", "mode": "calibration", "gap_ms": 250, "rtt_p50_ms": 0.5 }),
+            json!({ "scenario": "a", "mode": "processes", "shape": "comment", "gap_ms": 0, "p50_ms": 7.0, "p99_ms": 7.0 }),
+            json!({ "scenario": "a", "mode": "processes", "shape": "field", "gap_ms": 0, "p50_ms": 0.5, "from_edit_p50_ms": 0.4 }),
+            json!({ "scenario": "a", "mode": "processes", "shape": "field", "gap_ms": 250, "p50_ms": 2.0, "from_edit_p50_ms": 1.0, "from_edit_p99_ms": 2.0 }),
             json!({ "scenario": "a", "mode": "one process", "p50_ms": 9.0, "p99_ms": 9.0 }),
             json!({ "scenario": "b", "sync_s": 0.5, "rss_mb_process": 7.0, "rss_mb_growth_receiver_process": 50.0 }),
             json!({ "scenario": "c", "chars": 100_000, "sync_ms": 999.0, "rss_mb_growth_receiver_process": 1.0 }),
@@ -1006,7 +1134,7 @@ mod tests {
             json!({ "scenario": "d", "changes_per_request": 100, "acked_per_s": 40000.0 }),
         ];
         let am = json!({ "params": { "cChars": 50_000 }, "median": {
-            "a_c2s_p50_ms": 5.0, "a_c2s_p99_ms": 10.0, "b_total_ms": 4000.0, "c_fetch_ms": 500.0,
+            "a_c2s_p50_ms": 5.0, "a_c2s_p99_ms": 10.0, "raw_ws_rtt_p50_ms": 1.0, "b_total_ms": 4000.0, "c_fetch_ms": 500.0,
             "d_changes_per_s": 4000.0, "mem_start_rss_mb": 80.0, "mem_after_b_rss_mb": 180.0,
             "mem_after_c_rss_mb": 230.0
         }});
@@ -1018,8 +1146,11 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                (1.0, 5.0, 5.0),       // (a) p50 from the processes run, the field shape
-                (2.0, 10.0, 5.0),      // (a) p99
+                (1.0, 5.0, 5.0),       // (a) p50 from A's edit, the field shape 250 ms apart
+                (2.0, 10.0, 5.0),      // (a) p99, same
+                (2.0, 5.0, 2.5),       // (a) p50 from the request, same
+                (0.5, 5.0, 10.0),      // (a) p50 back to back, from the request
+                (0.5, 1.0, 2.0),       // (a) the floor: echo round trips 250 ms apart
                 (0.5, 4.0, 8.0),       // (b) seconds on both sides
                 (200.0, 500.0, 2.5),   // (c) the 50,000-char run
                 (8000.0, 4000.0, 2.0), // (d) throughput: ours / theirs
@@ -1029,7 +1160,7 @@ mod tests {
             ]
         );
         // A scenario that did not run is left out, not shown as zero.
-        let only_b = compare(&cofab[3..4], &am);
+        let only_b = compare(&cofab[6..7], &am);
         assert!(only_b.iter().all(|r| r.figure.starts_with("(b)")
             || r.figure.starts_with("(f) receiver RSS growth MB after (b)")));
         assert_eq!(only_b.len(), 2);

@@ -64,6 +64,9 @@ enum Cmd {
         #[arg(long)]
         automerge_repo: Option<PathBuf>,
     },
+    /// (For `cofab bench`) echoes one TCP connection on 127.0.0.1; prints its port.
+    #[command(hide = true)]
+    BenchEcho,
     /// Node status.
     Status,
     /// Connected peers.
@@ -252,6 +255,7 @@ async fn main() {
             quick,
             ref automerge_repo,
         } => run_bench(scenarios, quick, automerge_repo.clone(), cli.json).await,
+        Cmd::BenchEcho => cofab_node::bench::echo_server().unwrap_or_else(|e| fail(e)),
         _ => client_cmd(cli).await,
     }
 }
@@ -873,7 +877,9 @@ async fn client_cmd(cli: Cli) {
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         },
-        Cmd::Init { .. } | Cmd::Run(_) | Cmd::Demo { .. } | Cmd::Bench { .. } => unreachable!(),
+        Cmd::Init { .. } | Cmd::Run(_) | Cmd::Demo { .. } | Cmd::Bench { .. } | Cmd::BenchEcho => {
+            unreachable!()
+        }
     }
 }
 
