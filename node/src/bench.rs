@@ -350,18 +350,19 @@ fn doc_events(
     rx
 }
 
-/// (a) across processes: two `cofab run` processes; the bench posts one change at a time
-/// to A over HTTP and waits until B reports it applied. Both nodes stamp their events
-/// with the machine's monotonic clock, so one-way times are read without clock skew:
-/// from the HTTP request leaving the bench, and from A beginning the edit, to B having
-/// applied it. Two shapes: one field set again and again (automerge-repo's shape: its
-/// bench sets `d.ping = i`; here a design parameter `ping`), then a comment appended to
-/// an order's discussion (a list that grows to `n` + 20 comments).
 /// automerge-repo's bench waits this long after each echo before its next change (its
 /// sync is throttled to one message per 100 ms per document); (a)'s like-for-like run
 /// waits as long before each change.
 pub const ANCHOR_GAP_MS: u64 = 250;
 
+/// (a) across processes: two `cofab run` processes; the bench posts one change at a time
+/// to A over HTTP and waits until B reports it applied. Both nodes stamp their events
+/// with the machine's monotonic clock, so one-way times are read without clock skew:
+/// from the HTTP request leaving the bench, and from A beginning the edit, to B having
+/// applied it. Two shapes back to back, `n` changes each: one field set again and again
+/// (automerge-repo's shape: its bench sets `d.ping = i`; here a design parameter `ping`),
+/// then a comment appended to an order's discussion (a list that grows to `n` + 20
+/// comments); then the field shape again, `gapped` changes [`ANCHOR_GAP_MS`] apart.
 pub async fn latency_processes(n: usize, gapped: usize) -> Vec<Value> {
     match latency_processes_inner(n, gapped).await {
         Ok(v) => v,
@@ -446,8 +447,6 @@ pub fn echo_server() -> std::io::Result<()> {
     }
 }
 
-/// (a) across two `cofab run` processes: `n` changes back to back in each shape, then
-/// `gapped` changes of the field shape with [`ANCHOR_GAP_MS`] before each.
 async fn latency_processes_inner(n: usize, gapped: usize) -> Result<Vec<Value>, String> {
     let (a, a_p2p) = spawn_node("A", None).await?;
     let (b, _) = spawn_node("B", Some(a_p2p)).await?;
