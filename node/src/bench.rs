@@ -3,8 +3,10 @@
 //! scenarios of the automerge-repo comparison:
 //! (a) one-change latency, (b) 1,000 documents to a fresh peer, (c) a large design's
 //! initial sync, (d) sustained acknowledged writes, (e) fan-out to many nodes, (f) memory.
-//! (a) also runs across two `cofab run` processes, and (f)'s receiver figures for (b) and
-//! (c) come from a `cofab run` process of its own (nodes in one process share an allocator).
+//! (a) also runs across two `cofab run` processes (back to back, and paced as
+//! automerge-repo's bench paces it, after a TCP echo calibration), and (f)'s receiver
+//! figures for (b) and (c) come from a `cofab run` process of its own (nodes in one
+//! process share an allocator).
 //! Owns: scenario set-up, timing and the report. Must not: assert anything (people judge).
 
 use std::time::{Duration, Instant};
@@ -375,57 +377,63 @@ pub async fn latency_processes(n: usize, gapped: usize) -> Vec<Value> {
 /// back to back and `gap_ms` apart — automerge-repo's bench measures the same over a bare
 /// websocket with its 250 ms gap (`raw_ws_rtt_p50_ms`).
 pub async fn echo_calibration(n: usize, gap_ms: u64) -> Value {
-    let run = move || -> Result<Value, String> {
-        use std::io::{BufRead, Read, Write};
-        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        let mut child = std::process::Command::new(exe)
+    let rtt = tokio::task::spawn_blocking(move || echo_round_trips(n, gap_ms)).await;
+    match rtt.map_err(|e| e.to_string()).and_then(|r| r) {
+        Ok(rtt) => json!({
+            "scenario": "a",
+            "mode": "calibration",
+            "what": "tcp echo round trip between two processes",
+            "gap_ms": gap_ms,
+            "round_trips": n,
+            "rtt_p50_ms": percentile(&rtt, 0.5),
+            "rtt_p99_ms": percentile(&rtt, 0.99),
+        }),
+        Err(e) => json!({ "scenario": "a", "mode": "calibration", "error": e }),
+    }
+}
+
+/// `n` echo round trips in ms, sorted (after 10 discarded), each `gap_ms` after the last.
+fn echo_round_trips(n: usize, gap_ms: u64) -> Result<Vec<f64>, String> {
+    use std::io::{BufRead, Read, Write};
+    /// Ends the echo process however the measurement ends.
+    struct Echo(std::process::Child);
+    impl Drop for Echo {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut echo = Echo(
+        std::process::Command::new(exe)
             .arg("bench-echo")
             .stdout(std::process::Stdio::piped())
             .spawn()
-            .map_err(|e| e.to_string())?;
-        let result = (|| {
-            let mut line = String::new();
-            let out = child.stdout.take().ok_or("no stdout")?;
-            std::io::BufReader::new(out)
-                .read_line(&mut line)
-                .map_err(|e| e.to_string())?;
-            let port: u16 = line.trim().parse().map_err(|_| format!("port? {line:?}"))?;
-            let mut s =
-                std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-            s.set_nodelay(true).map_err(|e| e.to_string())?;
-            let (msg, mut back) = ([7u8; 64], [0u8; 64]);
-            let mut rtt = Vec::with_capacity(n);
-            for i in 0..n + 10 {
-                if gap_ms > 0 {
-                    std::thread::sleep(Duration::from_millis(gap_ms));
-                }
-                let t = Instant::now();
-                s.write_all(&msg).map_err(|e| e.to_string())?;
-                s.read_exact(&mut back).map_err(|e| e.to_string())?;
-                if i >= 10 {
-                    rtt.push(t.elapsed().as_secs_f64() * 1e3);
-                }
-            }
-            rtt.sort_by(|x, y| x.total_cmp(y));
-            Ok(json!({
-                "scenario": "a",
-                "mode": "calibration",
-                "what": "tcp echo round trip between two processes",
-                "gap_ms": gap_ms,
-                "round_trips": n,
-                "rtt_p50_ms": percentile(&rtt, 0.5),
-                "rtt_p99_ms": percentile(&rtt, 0.99),
-            }))
-        })();
-        let _ = child.kill();
-        let _ = child.wait();
-        result
-    };
-    match tokio::task::spawn_blocking(run).await {
-        Ok(Ok(v)) => v,
-        Ok(Err(e)) => json!({ "scenario": "a", "mode": "calibration", "error": e }),
-        Err(e) => json!({ "scenario": "a", "mode": "calibration", "error": e.to_string() }),
+            .map_err(|e| e.to_string())?,
+    );
+    let mut line = String::new();
+    let out = echo.0.stdout.take().ok_or("no stdout")?;
+    std::io::BufReader::new(out)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    let port: u16 = line.trim().parse().map_err(|_| format!("port? {line:?}"))?;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    s.set_nodelay(true).map_err(|e| e.to_string())?;
+    let (msg, mut back) = ([7u8; 64], [0u8; 64]);
+    let mut rtt = Vec::with_capacity(n);
+    for i in 0..n + 10 {
+        if gap_ms > 0 {
+            std::thread::sleep(Duration::from_millis(gap_ms));
+        }
+        let t = Instant::now();
+        s.write_all(&msg).map_err(|e| e.to_string())?;
+        s.read_exact(&mut back).map_err(|e| e.to_string())?;
+        if i >= 10 {
+            rtt.push(t.elapsed().as_secs_f64() * 1e3);
+        }
     }
+    rtt.sort_by(|x, y| x.total_cmp(y));
+    Ok(rtt)
 }
 
 /// `cofab bench-echo`: prints the port it listens on (127.0.0.1), then echoes one
@@ -488,31 +496,48 @@ async fn latency_processes_inner(n: usize, gapped: usize) -> Result<Vec<Value>, 
         }
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
-    type Body = fn(usize) -> Value;
-    let field: Body = |i| json!({ "name": "ping", "value": i as f64 });
-    let field_url = format!("{}/api/v1/designs/{design}/parameters", a.api);
-    // (shape, url, document, body, changes, pause before each)
-    let shapes: [(&str, String, &str, Body, usize, u64); 3] = [
-        ("field", field_url.clone(), design.as_str(), field, n, 0),
-        (
-            "comment",
-            format!("{}/api/v1/orders/{order}/discussion", a.api),
-            order.as_str(),
-            |i| json!({ "text": format!("c{i}") }),
-            n,
-            0,
-        ),
-        (
-            "field",
-            field_url,
-            design.as_str(),
-            field,
-            gapped,
-            ANCHOR_GAP_MS,
-        ),
-    ];
+    /// One series of changes: posted to `url` with `body(i)`, about document `doc`.
+    struct Run<'a> {
+        shape: &'static str,
+        url: String,
+        doc: &'a str,
+        body: fn(usize) -> Value,
+        changes: usize,
+        /// Pause before each change.
+        gap_ms: u64,
+    }
+    let field = Run {
+        shape: "field",
+        url: format!("{}/api/v1/designs/{design}/parameters", a.api),
+        doc: &design,
+        body: |i| json!({ "name": "ping", "value": i as f64 }),
+        changes: n,
+        gap_ms: 0,
+    };
+    let comment = Run {
+        shape: "comment",
+        url: format!("{}/api/v1/orders/{order}/discussion", a.api),
+        doc: &order,
+        body: |i| json!({ "text": format!("c{i}") }),
+        changes: n,
+        gap_ms: 0,
+    };
+    let paced = Run {
+        url: field.url.clone(),
+        changes: gapped,
+        gap_ms: ANCHOR_GAP_MS,
+        ..field
+    };
     let mut out = Vec::new();
-    for (shape, url, id, body, n, gap_ms) in shapes {
+    for run in [field, comment, paced] {
+        let Run {
+            shape,
+            url,
+            doc: id,
+            body,
+            changes: n,
+            gap_ms,
+        } = run;
         while a_ev.try_recv().is_ok() || b_ev.try_recv().is_ok() {}
         let (mut from_request, mut from_edit, mut ack) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..n + 20 {
@@ -1009,13 +1034,16 @@ pub fn compare(cofab: &[Value], am_repo: &Value) -> Vec<Comparison> {
     let any = |_: &Value| true;
     // automerge-repo's (a) sets one field again and again, 250 ms apart: compare the same
     // shape and pacing; back to back is shown too, marked as such.
-    let gapped = |r: &Value| {
-        r["mode"] == "processes" && r["shape"] == "field" && r["gap_ms"].as_u64() > Some(0)
+    // A field-shape (a) run or a calibration, paced (as automerge-repo's) or back to back.
+    let run_of = |mode: &'static str, paced: bool| {
+        move |r: &Value| {
+            r["mode"] == mode
+                && (mode != "processes" || r["shape"] == "field")
+                && (r["gap_ms"].as_u64() > Some(0)) == paced
+        }
     };
-    let back_to_back = |r: &Value| {
-        r["mode"] == "processes" && r["shape"] == "field" && r["gap_ms"].as_u64() == Some(0)
-    };
-    let echo_gapped = |r: &Value| r["mode"] == "calibration" && r["gap_ms"].as_u64() > Some(0);
+    let (gapped, back_to_back) = (run_of("processes", true), run_of("processes", false));
+    let echo_gapped = run_of("calibration", true);
     // The large-design size automerge-repo ran (50,000, or 5,000 with --quick).
     let chars = am_repo["params"]["cChars"].as_u64().unwrap_or(50_000);
     let same_chars = move |r: &Value| r["chars"].as_u64() == Some(chars);
